@@ -1,0 +1,100 @@
+"""Layer mode: run chosen modules under PyTorch's own activation checkpointing.
+
+Inside a checkpointed module autograd keeps nothing but the module's inputs (saved through the
+ambient saved-tensor hooks, so LoRAct sees and compresses them); backward recomputes the module
+from the rebuilt inputs. We only swap each module's ``forward`` for a call through
+:func:`torch.utils.checkpoint.checkpoint` and put the original back afterwards.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+from lightning_utilities.core.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+def select_modules(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Module]:
+    """The outermost modules of ``model`` whose class name or qualified name matches a target.
+
+    A target is a class name (``"LlamaDecoderLayer"``) or a glob on qualified names
+    (``"encoder.layer.*"``). A target that matches nothing raises a ValueError. Modules that are
+    already checkpointed (FSDP's ``activation_checkpointing_policy``, a transformers model with
+    gradient checkpointing on) are skipped with a warning instead of being wrapped twice.
+    """
+    if isinstance(targets, str) or not all(isinstance(target, str) for target in targets):
+        raise TypeError(f"checkpoint must be a list of module class names or glob patterns, got {targets!r}")
+    selected: dict[str, nn.Module] = {}
+    matched = dict.fromkeys(targets, False)
+    skipped = []
+    for name, module in model.named_modules():
+        hits = [t for t in targets if type(module).__name__ == t or (name and fnmatch.fnmatchcase(name, t))]
+        if not hits:
+            continue
+        matched.update(dict.fromkeys(hits, True))
+        if any(name.startswith(f"{outer}.") for outer in selected):
+            continue
+        if _already_checkpointed(model, name):
+            skipped.append(name)
+            continue
+        selected[name] = module
+    missing = [target for target, hit in matched.items() if not hit]
+    if missing:
+        classes = sorted({type(m).__name__ for m in model.modules()})[:8]
+        names = [name for name, _ in model.named_modules()][1:6]
+        raise ValueError(
+            f"checkpoint target(s) {missing} match no module of {type(model).__name__}; "
+            f"give class names such as {classes} or globs on names such as {names}"
+        )
+    if skipped:
+        rank_zero_warn(f"LoRAct: not checkpointing {len(skipped)} module(s) that are already checkpointed: {skipped[:4]}")
+    return selected
+
+
+def _already_checkpointed(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` or one of its ancestors is wrapped by, or runs, activation checkpointing."""
+    parts = name.split(".") if name else []
+    module = model
+    for depth in range(len(parts) + 1):
+        if depth:
+            module = module.get_submodule(parts[depth - 1])
+        if type(module).__name__ == "CheckpointWrapper" or getattr(module, "gradient_checkpointing", False):
+            return True
+    return False
+
+
+@contextmanager
+def checkpointed(modules: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Run each of ``modules`` through non-reentrant activation checkpointing inside the block."""
+    originals = {name: module.__dict__.get("forward") for name, module in modules.items()}
+    try:
+        for module in modules.values():
+            module.forward = _checkpointed_forward(module.forward)
+        yield
+    finally:
+        for name, module in modules.items():
+            if originals[name] is None:
+                del module.forward
+            else:
+                module.forward = originals[name]
+
+
+def _checkpointed_forward(forward):
+    def run(*args, **kwargs):
+        # Tensor keyword arguments are moved into the positional ones: checkpoint saves only
+        # positional tensors through saved-tensor hooks (keyword ones it keeps by reference).
+        tensor_keys = [key for key, value in kwargs.items() if isinstance(value, Tensor)]
+        other_kwargs = {key: value for key, value in kwargs.items() if key not in tensor_keys}
+        num_args = len(args)
+
+        def call(*flat_args):
+            tensor_kwargs = dict(zip(tensor_keys, flat_args[num_args:]))
+            return forward(*flat_args[:num_args], **tensor_kwargs, **other_kwargs)
+
+        return checkpoint(call, *args, *(kwargs[key] for key in tensor_keys), use_reentrant=False)
+
+    return run
+

@@ -1,0 +1,283 @@
+"""The saved-tensor hook: compress activations as autograd saves them, rebuild them in backward.
+
+:class:`ActivationCompressor` holds the validated options and the per-forward state;
+:func:`compress_activations` is the public context manager around one forward pass::
+
+    with compress_activations(model, rank=0.125) as stats:
+        loss = loss_fn(model(x), y)
+    loss.backward()
+    print(stats)
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from loract_lightning import policy
+from loract_lightning.checkpointing import checkpointed, select_modules
+from loract_lightning.linalg import METHODS, RANDOMIZED
+from loract_lightning.packed import LowRankFactors, PackedTensor
+from loract_lightning.policy import ParameterIndex, RankPolicy, RankSpec
+from loract_lightning.stats import CompressionStats
+
+
+@dataclass
+class _StorageRecord:
+    """What this forward has done with one storage: factors computed from it, or kept raw."""
+
+    ref: StorageWeakRef
+    kept_raw: bool = False
+    factors: list[LowRankFactors] = field(default_factory=list)
+
+
+class ActivationCompressor:
+    """Compresses the activations a model saves for backward into low-rank factors.
+
+    Build it once with the options, then wrap each training forward in :meth:`capture`.
+
+    Args:
+        model: the module whose forward is compressed; its parameters and buffers are never
+            compressed, and its module names are what ``layers`` and ``checkpoint`` match.
+        rank: default rank: an int k, or a float in (0, 1] meaning ``round(rank * N)`` for an
+            activation whose last dimension is N.
+        method: ``"sampled_qb"`` (the paper's, default), ``"randomized_svd"`` or ``"truncated_svd"``.
+        min_bytes: activations smaller than this stay raw (factorizing them costs more than it saves).
+        layers: glob pattern on qualified module names -> rank or None (None: no compression).
+            The module running when a tensor is saved is looked up; the first matching pattern wins.
+        checkpoint: layer mode. Module class names or glob patterns; those modules run under
+            activation checkpointing, and only their inputs are saved, compressed. Tensors saved
+            outside them stay raw.
+        seed: seed of the compressor's own random generator (the global RNG is never drawn from).
+        power_iters: power iterations for the randomized methods (None: the method's default).
+        oversample: extra sketch columns for the randomized methods (None: the method's default).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rank: int | float = 0.125,
+        method: str = "sampled_qb",
+        min_bytes: int = 1 << 20,
+        layers: Mapping[str, RankSpec] | None = None,
+        checkpoint: Sequence[str] | None = None,
+        seed: int = 0,
+        power_iters: int | None = None,
+        oversample: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+        if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
+            raise ValueError(f"min_bytes must be an int >= 0, got {min_bytes!r}")
+        for name, value in (("power_iters", power_iters), ("oversample", oversample)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
+        self.model = model
+        self.method = method
+        self.min_bytes = min_bytes
+        self.ranks = RankPolicy(rank, dict(layers or {}))
+        self.ranks.check_against(model)
+        self.checkpointed_modules = select_modules(model, list(checkpoint)) if checkpoint else {}
+        self.seed = seed
+        self._method_options = {
+            key: value for key, value in (("power_iters", power_iters), ("oversample", oversample)) if value is not None
+        }
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._module_stack: list[str] = []
+        self._records: dict[tuple[torch.device, int], _StorageRecord] = {}
+        self._parameters: ParameterIndex | None = None
+        self._stats = CompressionStats()
+
+    @property
+    def layer_mode(self) -> bool:
+        return bool(self.checkpointed_modules)
+
+    @contextmanager
+    def capture(self) -> Iterator[CompressionStats]:
+        """Compress what autograd saves inside the block; yields this forward's stats.
+
+        Nothing is installed when the model is in eval mode or gradients are off: no tensor is
+        saved then, and nothing should slow down.
+        """
+        stats = CompressionStats()
+        if not self.model.training or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            yield stats
+            return
+        self._stats = stats
+        self._parameters = ParameterIndex(self.model)
+        with ExitStack() as installed:
+            installed.callback(self._forget_forward)
+            installed.enter_context(self._track_modules())
+            installed.enter_context(checkpointed(self.checkpointed_modules))
+            installed.enter_context(torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack))
+            yield stats
+
+    def _forget_forward(self) -> None:
+        # Drop every per-forward reference so factors live only as long as the autograd graph.
+        self._records = {}
+        self._module_stack = []
+        self._parameters = None
+
+    @contextmanager
+    def _track_modules(self) -> Iterator[None]:
+        """Keep ``_module_stack`` equal to the qualified names of the modules now running."""
+        handles = []
+        for name, module in self.model.named_modules():
+            handles.append(module.register_forward_pre_hook(functools.partial(self._enter_module, name)))
+            handles.append(module.register_forward_hook(self._exit_module, always_call=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _enter_module(self, name: str, module: nn.Module, args: object) -> None:
+        self._module_stack.append(name)
+
+    def _exit_module(self, module: nn.Module, args: object, output: object) -> None:
+        if self._module_stack:
+            self._module_stack.pop()
+
+    # -- the hook pair -------------------------------------------------------------------------
+
+    def pack(self, tensor: Tensor) -> Tensor | PackedTensor:
+        """Called by autograd for every tensor it saves; returns the tensor or its factors."""
+        stats = self._stats
+        if torch._C._current_graph_task_id() != -1:
+            # Saved during backward (a recompute): it lives only until backward ends.
+            stats.kept[policy.IN_BACKWARD] += 1
+            return tensor
+        if tensor in self._parameters:
+            stats.kept[policy.PARAMETER] += 1
+            return tensor
+        module_name = self._module_stack[-1] if self._module_stack else ""
+        record = self._record(tensor, module_name)
+        for factors in record.factors:
+            if factors.covers(tensor):
+                stats.shared += 1
+                return _view_of(factors, tensor)
+        reason, rank = self._reason_and_rank(tensor, module_name, record)
+        if reason is not None:
+            return self._keep_raw(tensor, module_name, record, reason)
+        matrix = tensor.detach().reshape(-1, tensor.shape[-1])
+        reason = policy.value_reason(matrix)
+        if reason is not None:
+            return self._keep_raw(tensor, module_name, record, reason)
+        factors = self._factorize(tensor, matrix, rank)
+        record.factors.append(factors)
+        stats.compressed += 1
+        stats.add_stored(module_name, factors.nbytes)
+        stats.module(module_name).compressed += 1
+        stats.module(module_name).ranks.add(rank)
+        return _view_of(factors, tensor)
+
+    @staticmethod
+    def unpack(packed: Tensor | PackedTensor) -> Tensor:
+        return packed.unpack() if isinstance(packed, PackedTensor) else packed
+
+    # -- helpers of pack -----------------------------------------------------------------------
+
+    def _record(self, tensor: Tensor, module_name: str) -> _StorageRecord:
+        """The record of ``tensor``'s storage; a storage seen for the first time counts as saved."""
+        storage = tensor.untyped_storage()
+        key = (tensor.device, storage.data_ptr())
+        record = self._records.get(key)
+        # A freed storage's address can be handed to a new tensor later in the same forward.
+        if record is None or record.ref.expired():
+            record = self._records[key] = _StorageRecord(StorageWeakRef(storage))
+            self._stats.add_saved(module_name, storage.nbytes())
+        return record
+
+    def _reason_and_rank(self, tensor: Tensor, module_name: str, record: _StorageRecord) -> tuple[str | None, int]:
+        """Why ``tensor`` stays raw (judged without reading it), else None and its rank k."""
+        reason = policy.structural_reason(tensor, self.min_bytes)
+        if reason is not None:
+            return reason, 0
+        if self.layer_mode and module_name not in self.checkpointed_modules:
+            return policy.OUTSIDE_CHECKPOINT, 0
+        if record.kept_raw:
+            return policy.STORAGE_KEPT_RAW, 0
+        rank_spec = self.ranks.rank_for(module_name)
+        if rank_spec is None:
+            return policy.DISABLED, 0
+        num_cols = tensor.shape[-1]
+        num_rows = tensor.numel() // num_cols
+        rank = policy.resolve_rank(rank_spec, num_rows, num_cols)
+        if not policy.keeps_memory(rank, num_rows, num_cols):
+            return policy.NO_SAVING, 0
+        return None, rank
+
+    def _keep_raw(self, tensor: Tensor, module_name: str, record: _StorageRecord, reason: str) -> Tensor:
+        self._stats.kept[reason] += 1
+        if not record.kept_raw:
+            record.kept_raw = True
+            self._stats.add_stored(module_name, tensor.untyped_storage().nbytes())
+        return tensor
+
+    def _factorize(self, tensor: Tensor, matrix: Tensor, rank: int) -> LowRankFactors:
+        factorize = METHODS[self.method]
+        options = dict(self._method_options)
+        if self.method in RANDOMIZED:
+            options["generator"] = self._generator(tensor.device)
+        start = time.perf_counter()
+        # The hook may run under autocast; the factors must keep the activation's own dtype.
+        with torch.no_grad(), torch.autocast(tensor.device.type, enabled=False):
+            left, right = factorize(matrix, rank, **options)
+        self._stats.compress_seconds += time.perf_counter() - start
+        return LowRankFactors(
+            left=left,
+            right=right,
+            storage_offset=tensor.storage_offset(),
+            size=tensor.size(),
+            stride=tensor.stride(),
+            contiguous=tensor.is_contiguous(),
+            version=tensor._version,
+        )
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+
+def _view_of(factors: LowRankFactors, tensor: Tensor) -> PackedTensor:
+    return PackedTensor(factors, tensor.size(), tensor.stride(), tensor.storage_offset())
+
+
+def compress_activations(
+    model: nn.Module,
+    rank: int | float = 0.125,
+    method: str = "sampled_qb",
+    min_bytes: int = 1 << 20,
+    layers: Mapping[str, RankSpec] | None = None,
+    checkpoint: Sequence[str] | None = None,
+    seed: int = 0,
+    power_iters: int | None = None,
+    oversample: int | None = None,
+):
+    """Compress the activations ``model`` saves for backward inside the ``with`` block.
+
+    Takes the options of :class:`ActivationCompressor` and yields the forward's
+    :class:`~loract_lightning.stats.CompressionStats`. Run backward after the block; the model is
+    left exactly as it was.
+
+    Example::
+
+        with compress_activations(model, rank=0.125, layers={"*.attention.*": None}) as stats:
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        print(stats.ratio)
+    """
+    compressor = ActivationCompressor(
+        model, rank, method, min_bytes, layers, checkpoint, seed, power_iters, oversample
+    )
+    return compressor.capture()

@@ -1,0 +1,159 @@
+"""Low-rank factorizations of a 2-D activation: ``A ~ L @ R``.
+
+Every function takes ``A`` (M x N, any floating dtype, CPU or CUDA) and a rank ``k`` and returns
+``(L, R)`` with ``L`` of shape (M, k) and ``R`` of shape (k, N), both in ``A.dtype``.
+Orthogonalization (QR, eigendecomposition, SVD) always runs in float32, because half-precision
+QR is either unsupported or too inaccurate to give an orthonormal basis.
+
+- :func:`sampled_qb` is the paper's algorithm: the sketch is ``A^T A[:, S]`` for k random
+  columns S, i.e. k columns of the Gram matrix. No Gaussian draw, no SVD, ~4*M*N*k flops.
+- :func:`randomized_svd` is Halko et al.'s randomized SVD with a Gaussian test matrix.
+- :func:`truncated_svd` is the exact (optimal) rank-k approximation, the yardstick.
+
+Randomness comes only from the ``generator`` argument, so callers can keep the global RNG
+stream (and with it dropout masks) untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+Factorization = Callable[..., tuple[Tensor, Tensor]]
+
+
+def _check_input(matrix: Tensor, rank: int) -> None:
+    if matrix.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
+    if not matrix.is_floating_point():
+        raise TypeError(f"expected a floating-point matrix, got dtype {matrix.dtype}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+
+
+def _orthonormal_basis(sketch: Tensor) -> Tensor:
+    """Orthonormal columns spanning ``sketch``, computed in float32."""
+    return torch.linalg.qr(sketch.float(), mode="reduced").Q
+
+
+def _shrink_basis(matrix: Tensor, basis: Tensor, rank: int) -> Tensor:
+    """Best rank-``rank`` sub-basis of ``basis`` (N x p, p > rank) for projecting ``matrix``'s rows.
+
+    The top eigenvectors of the small p x p Gram matrix of ``matrix @ basis`` pick the directions
+    that carry most of the energy; this is what oversampling buys.
+    """
+    projected = (matrix @ basis.to(matrix.dtype)).float()
+    _, eigenvectors = torch.linalg.eigh(projected.T @ projected)
+    top = eigenvectors[:, -rank:].flip(-1)
+    return basis @ top
+
+
+def sampled_qb(
+    matrix: Tensor,
+    rank: int,
+    *,
+    oversample: int = 0,
+    power_iters: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The paper's sampling-based QB decomposition: ``A ~ (A Q) Q^T``.
+
+    Args:
+        matrix: the 2-D matrix ``A`` (M x N) to factorize.
+        rank: number of columns ``k`` of the basis; clamped to ``min(M, N)``.
+        oversample: extra sampled columns; the basis is then shrunk back to ``rank``.
+        power_iters: extra passes ``Y <- A^T (A Q)`` that sharpen the basis on flat spectra.
+        generator: source of the random column choice (defaults to the global generator).
+
+    Returns:
+        ``(L, R)`` with ``L = A Q`` (M x k) and ``R = Q^T`` (k x N), in ``matrix.dtype``.
+    """
+    _check_input(matrix, rank)
+    num_cols = matrix.shape[1]
+    rank = min(rank, *matrix.shape)
+    sample_size = min(rank + oversample, num_cols)
+    columns = torch.randperm(num_cols, generator=generator, device=generator.device if generator else "cpu")
+    columns = columns[:sample_size].to(matrix.device)
+    sketch = matrix.T @ matrix[:, columns]
+    basis = _orthonormal_basis(sketch)
+    for _ in range(power_iters):
+        basis = _orthonormal_basis(matrix.T @ (matrix @ basis.to(matrix.dtype)))
+    if basis.shape[1] > rank:
+        basis = _shrink_basis(matrix, basis, rank)
+    basis = basis.to(matrix.dtype)
+    return matrix @ basis, basis.T.contiguous()
+
+
+def randomized_svd(
+    matrix: Tensor,
+    rank: int,
+    *,
+    oversample: int = 10,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Randomized SVD with a Gaussian test matrix (Halko, Martinsson and Tropp, 2011).
+
+    Args:
+        matrix: the 2-D matrix ``A`` (M x N) to factorize.
+        rank: target rank ``k``; clamped to ``min(M, N)``.
+        oversample: extra Gaussian columns ``p`` in the test matrix.
+        power_iters: subspace iterations, each re-orthonormalized in float32.
+        generator: source of the Gaussian test matrix (defaults to the global generator).
+
+    Returns:
+        ``(L, R)`` with ``L = U_k S_k`` (M x k) and ``R = V_k^T`` (k x N), in ``matrix.dtype``.
+    """
+    _check_input(matrix, rank)
+    rows, cols = matrix.shape
+    rank = min(rank, rows, cols)
+    sketch_size = min(rank + oversample, rows, cols)
+    test_matrix = torch.randn(
+        cols, sketch_size, generator=generator, device=generator.device if generator else "cpu"
+    )
+    work = matrix.float()
+    basis = _orthonormal_basis(work @ test_matrix.to(matrix.device))
+    for _ in range(power_iters):
+        basis = _orthonormal_basis(work @ _orthonormal_basis(work.T @ basis))
+    small = basis.T @ work
+    left, singular, right = torch.linalg.svd(small, full_matrices=False)
+    left_factor = basis @ (left[:, :rank] * singular[:rank])
+    return left_factor.to(matrix.dtype), right[:rank].to(matrix.dtype)
+
+
+def truncated_svd(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Exact rank-``k`` truncation of the SVD: the optimal approximation (Eckart-Young).
+
+    Args:
+        matrix: the 2-D matrix ``A`` (M x N) to factorize.
+        rank: target rank ``k``; clamped to ``min(M, N)``.
+
+    Returns:
+        ``(L, R)`` with ``L = U_k S_k`` (M x k) and ``R = V_k^T`` (k x N), in ``matrix.dtype``.
+    """
+    _check_input(matrix, rank)
+    rank = min(rank, *matrix.shape)
+    left, singular, right = torch.linalg.svd(matrix.float(), full_matrices=False)
+    return (left[:, :rank] * singular[:rank]).to(matrix.dtype), right[:rank].to(matrix.dtype)
+
+
+def relative_error(matrix: Tensor, left: Tensor, right: Tensor) -> float:
+    """Relative Frobenius error ``||A - L R|| / ||A||`` (0.0 for a zero matrix)."""
+    work = matrix.float()
+    norm = torch.linalg.matrix_norm(work)
+    if norm == 0:
+        return 0.0
+    return float(torch.linalg.matrix_norm(work - left.float() @ right.float()) / norm)
+
+
+METHODS: dict[str, Factorization] = {
+    "sampled_qb": sampled_qb,
+    "randomized_svd": randomized_svd,
+    "truncated_svd": truncated_svd,
+}
+"""The factorizations that ``method=`` accepts, by name."""
+
+RANDOMIZED = frozenset({"sampled_qb", "randomized_svd"})
+"""Methods that take a ``generator`` argument."""

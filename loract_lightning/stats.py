@@ -1,0 +1,71 @@
+"""What one compressed forward saved, stored and spent."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModuleMemory:
+    """Activation bytes attributed to the module that was running when autograd saved them."""
+
+    saved_bytes: int = 0
+    stored_bytes: int = 0
+    compressed: int = 0
+    ranks: set[int] = field(default_factory=set)
+
+    @property
+    def ratio(self) -> float:
+        return self.stored_bytes / self.saved_bytes if self.saved_bytes else 1.0
+
+
+@dataclass
+class CompressionStats:
+    """Counters for one forward pass under :func:`~loract_lightning.compress_activations`.
+
+    Attributes:
+        saved_bytes: bytes of the distinct storages of the activations autograd saved, before
+            compression (parameters and buffers excluded; a storage saved several times counts once).
+        stored_bytes: bytes really held for them afterwards: factors plus storages kept raw.
+        compressed: saved tensors replaced by newly computed factors.
+        shared: saved tensors answered by factors already computed for the same storage.
+        kept: saved tensors kept raw, counted by reason (see ``loract_lightning.policy``).
+        compress_seconds: wall time spent in factorizations (on CUDA: launch time, not kernel time).
+        modules: the bytes above per qualified module name.
+    """
+
+    saved_bytes: int = 0
+    stored_bytes: int = 0
+    compressed: int = 0
+    shared: int = 0
+    kept: Counter[str] = field(default_factory=Counter)
+    compress_seconds: float = 0.0
+    modules: dict[str, ModuleMemory] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """``stored_bytes / saved_bytes``: the fraction of activation memory still held (1.0 if none)."""
+        return self.stored_bytes / self.saved_bytes if self.saved_bytes else 1.0
+
+    def module(self, name: str) -> ModuleMemory:
+        if name not in self.modules:
+            self.modules[name] = ModuleMemory()
+        return self.modules[name]
+
+    def add_saved(self, module_name: str, nbytes: int) -> None:
+        self.saved_bytes += nbytes
+        self.module(module_name).saved_bytes += nbytes
+
+    def add_stored(self, module_name: str, nbytes: int) -> None:
+        self.stored_bytes += nbytes
+        self.module(module_name).stored_bytes += nbytes
+
+    def __str__(self) -> str:
+        mib = 2**20
+        kept = ", ".join(f"{reason}={count}" for reason, count in sorted(self.kept.items())) or "none"
+        return (
+            f"saved {self.saved_bytes / mib:.1f} MiB -> stored {self.stored_bytes / mib:.1f} MiB "
+            f"(ratio {self.ratio:.3f}); compressed {self.compressed}, shared {self.shared}, "
+            f"kept raw: {kept}; {self.compress_seconds * 1e3:.1f} ms compressing"
+        )
