@@ -50,7 +50,7 @@ def select_modules(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Mod
             f"give class names such as {classes} or globs on names such as {names}"
         )
     if skipped:
-        rank_zero_warn(f"LoRAct: not checkpointing {len(skipped)} module(s) that are already checkpointed: {skipped[:4]}")
+        rank_zero_warn(f"LoRAct: skipping {len(skipped)} already checkpointed module(s): {skipped[:4]}")
     return selected
 
 
@@ -91,10 +91,9 @@ def _checkpointed_forward(forward):
         num_args = len(args)
 
         def call(*flat_args):
-            tensor_kwargs = dict(zip(tensor_keys, flat_args[num_args:]))
+            tensor_kwargs = dict(zip(tensor_keys, flat_args[num_args:], strict=True))
             return forward(*flat_args[:num_args], **tensor_kwargs, **other_kwargs)
 
         return checkpoint(call, *args, *(kwargs[key] for key in tensor_keys), use_reentrant=False)
 
     return run
-

@@ -277,7 +277,5 @@ def compress_activations(
         loss.backward()
         print(stats.ratio)
     """
-    compressor = ActivationCompressor(
-        model, rank, method, min_bytes, layers, checkpoint, seed, power_iters, oversample
-    )
+    compressor = ActivationCompressor(model, rank, method, min_bytes, layers, checkpoint, seed, power_iters, oversample)
     return compressor.capture()

@@ -16,7 +16,7 @@ stream (and with it dropout masks) untouched.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -110,9 +110,7 @@ def randomized_svd(
     rows, cols = matrix.shape
     rank = min(rank, rows, cols)
     sketch_size = min(rank + oversample, rows, cols)
-    test_matrix = torch.randn(
-        cols, sketch_size, generator=generator, device=generator.device if generator else "cpu"
-    )
+    test_matrix = torch.randn(cols, sketch_size, generator=generator, device=generator.device if generator else "cpu")
     work = matrix.float()
     basis = _orthonormal_basis(work @ test_matrix.to(matrix.device))
     for _ in range(power_iters):

@@ -82,6 +82,5 @@ def view_extent(tensor: Tensor) -> tuple[int, int]:
     start = tensor.storage_offset()
     if tensor.numel() == 0:
         return start, start
-    span = sum((size - 1) * stride for size, stride in zip(tensor.size(), tensor.stride()))
+    span = sum((size - 1) * stride for size, stride in zip(tensor.size(), tensor.stride(), strict=True))
     return start, start + span + 1
-

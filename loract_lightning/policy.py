@@ -126,8 +126,18 @@ class ParameterIndex:
     _HISTORY_DEPTH = 4
     # Autograd nodes that only cast or re-view their single input.
     _CAST_OR_VIEW = frozenset(
-        {"ToCopyBackward", "TBackward", "TransposeBackward", "PermuteBackward", "ViewBackward",
-         "UnsafeViewBackward", "AliasBackward", "ExpandBackward", "SqueezeBackward", "UnsqueezeBackward"}
+        {
+            "ToCopyBackward",
+            "TBackward",
+            "TransposeBackward",
+            "PermuteBackward",
+            "ViewBackward",
+            "UnsafeViewBackward",
+            "AliasBackward",
+            "ExpandBackward",
+            "SqueezeBackward",
+            "UnsqueezeBackward",
+        }
     )
 
     def __init__(self, model: nn.Module) -> None:
@@ -206,7 +216,7 @@ def _two_valued(values: Tensor, low: Tensor, high: Tensor) -> bool:
 
 def _is_non_overlapping(tensor: Tensor) -> bool:
     """True when no two elements share memory (gaps allowed), so a fresh strided copy can hold it."""
-    dims = sorted((stride, size) for size, stride in zip(tensor.size(), tensor.stride()) if size > 1)
+    dims = sorted((stride, size) for size, stride in zip(tensor.size(), tensor.stride(), strict=True) if size > 1)
     reach = 1
     for stride, size in dims:
         if stride < reach:
