@@ -24,18 +24,18 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from loract_lightning import policy
 from loract_lightning.checkpointing import checkpointed, select_modules
 from loract_lightning.linalg import METHODS, RANDOMIZED
-from loract_lightning.packed import LowRankFactors, PackedTensor
+from loract_lightning.packed import LowRankFactors, PackedTensor, StoredRegion, TwoValuedMask
 from loract_lightning.policy import ParameterIndex, RankPolicy, RankSpec
 from loract_lightning.stats import CompressionStats
 
 
 @dataclass
 class _StorageRecord:
-    """What this forward has done with one storage: factors computed from it, or kept raw."""
+    """What this forward has done with one storage: compact regions built from it, or kept raw."""
 
     ref: StorageWeakRef
     kept_raw: bool = False
-    factors: list[LowRankFactors] = field(default_factory=list)
+    regions: list[StoredRegion] = field(default_factory=list)
 
 
 class ActivationCompressor:
@@ -150,7 +150,7 @@ class ActivationCompressor:
     # -- the hook pair -------------------------------------------------------------------------
 
     def pack(self, tensor: Tensor) -> Tensor | PackedTensor:
-        """Called by autograd for every tensor it saves; returns the tensor or its factors."""
+        """Called by autograd for every tensor it saves; returns the tensor or a packed form."""
         stats = self._stats
         if torch._C._current_graph_task_id() != -1:
             # Saved during backward (a recompute): it lives only until backward ends.
@@ -161,24 +161,32 @@ class ActivationCompressor:
             return tensor
         module_name = self._module_stack[-1] if self._module_stack else ""
         record = self._record(tensor, module_name)
-        for factors in record.factors:
-            if factors.covers(tensor):
+        for region in record.regions:
+            if region.covers(tensor):
                 stats.shared += 1
-                return _view_of(factors, tensor)
-        reason, rank = self._reason_and_rank(tensor, module_name, record)
+                return PackedTensor.view_of(region, tensor)
+        reason, rank_spec = self._policy_reason(tensor, module_name, record)
         if reason is not None:
             return self._keep_raw(tensor, module_name, record, reason)
         matrix = tensor.detach().reshape(-1, tensor.shape[-1])
-        reason = policy.value_reason(matrix)
-        if reason is not None:
+        reason, low, high = policy.inspect_values(matrix)
+        if reason == policy.MASK:
+            region = TwoValuedMask(**StoredRegion.layout_of(tensor), is_high=matrix == high, low=low, high=high)
+            stats.masks += 1
+        elif reason is not None:
             return self._keep_raw(tensor, module_name, record, reason)
-        factors = self._factorize(tensor, matrix, rank)
-        record.factors.append(factors)
-        stats.compressed += 1
-        stats.add_stored(module_name, factors.nbytes)
-        stats.module(module_name).compressed += 1
-        stats.module(module_name).ranks.add(rank)
-        return _view_of(factors, tensor)
+        else:
+            num_rows, num_cols = matrix.shape
+            rank = policy.resolve_rank(rank_spec, num_rows, num_cols)
+            if not policy.keeps_memory(rank, num_rows, num_cols):
+                return self._keep_raw(tensor, module_name, record, policy.NO_SAVING)
+            region = self._factorize(tensor, matrix, rank)
+            stats.compressed += 1
+            stats.module(module_name).compressed += 1
+            stats.module(module_name).ranks.add(rank)
+        record.regions.append(region)
+        stats.add_stored(module_name, region.nbytes)
+        return PackedTensor.view_of(region, tensor)
 
     @staticmethod
     def unpack(packed: Tensor | PackedTensor) -> Tensor:
@@ -197,24 +205,20 @@ class ActivationCompressor:
             self._stats.add_saved(module_name, storage.nbytes())
         return record
 
-    def _reason_and_rank(self, tensor: Tensor, module_name: str, record: _StorageRecord) -> tuple[str | None, int]:
-        """Why ``tensor`` stays raw (judged without reading it), else None and its rank k."""
+    def _policy_reason(self, tensor: Tensor, module_name: str, record: _StorageRecord) -> tuple[str | None, RankSpec]:
+        """Why ``tensor`` stays raw, judged without reading its values; else None and its rank spec."""
         reason = policy.structural_reason(tensor, self.min_bytes)
         if reason is not None:
-            return reason, 0
+            return reason, None
         if self.layer_mode and module_name not in self.checkpointed_modules:
-            return policy.OUTSIDE_CHECKPOINT, 0
+            return policy.OUTSIDE_CHECKPOINT, None
         if record.kept_raw:
-            return policy.STORAGE_KEPT_RAW, 0
+            # Its storage stays alive anyway: a compact copy would only add memory.
+            return policy.STORAGE_KEPT_RAW, None
         rank_spec = self.ranks.rank_for(module_name)
         if rank_spec is None:
-            return policy.DISABLED, 0
-        num_cols = tensor.shape[-1]
-        num_rows = tensor.numel() // num_cols
-        rank = policy.resolve_rank(rank_spec, num_rows, num_cols)
-        if not policy.keeps_memory(rank, num_rows, num_cols):
-            return policy.NO_SAVING, 0
-        return None, rank
+            return policy.DISABLED, None
+        return None, rank_spec
 
     def _keep_raw(self, tensor: Tensor, module_name: str, record: _StorageRecord, reason: str) -> Tensor:
         self._stats.kept[reason] += 1
@@ -233,24 +237,12 @@ class ActivationCompressor:
         with torch.no_grad(), torch.autocast(tensor.device.type, enabled=False):
             left, right = factorize(matrix, rank, **options)
         self._stats.compress_seconds += time.perf_counter() - start
-        return LowRankFactors(
-            left=left,
-            right=right,
-            storage_offset=tensor.storage_offset(),
-            size=tensor.size(),
-            stride=tensor.stride(),
-            contiguous=tensor.is_contiguous(),
-            version=tensor._version,
-        )
+        return LowRankFactors(**StoredRegion.layout_of(tensor), left=left, right=right)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
-
-
-def _view_of(factors: LowRankFactors, tensor: Tensor) -> PackedTensor:
-    return PackedTensor(factors, tensor.size(), tensor.stride(), tensor.storage_offset())
 
 
 def compress_activations(

@@ -1,11 +1,17 @@
 """What the pack hook stores in place of a saved activation, and how unpack rebuilds it.
 
-A :class:`LowRankFactors` holds ``L`` (M x k) and ``R`` (k x N) for one stretch of a storage.
-Several saved tensors may read that stretch (q/k/v projections read one input; ``linear`` saves
-a 2-D view of the 3-D tensor that ``layer_norm`` saved), so each saved tensor gets its own small
-:class:`PackedTensor` that records its view (size, stride, offset) onto the shared factors.
-Unpack can be called any number of times (``retain_graph``, double backward): it rebuilds from the
-factors every time and never consumes them.
+A :class:`StoredRegion` stands for one saved tensor's stretch of a storage, in compact form:
+
+- :class:`LowRankFactors`: ``L`` (M x k) and ``R`` (k x N) with ``A ~ L @ R`` (lossy);
+- :class:`TwoValuedMask`: a bool tensor and two scalars for a tensor that holds only two values,
+  such as the float ``{0, 1/(1-p)}`` dropout mask the CPU saves (exact; a mask is full rank, so
+  it is never factorized).
+
+Several saved tensors may read one region (q/k/v projections read one input; ``linear`` saves a
+2-D view of the 3-D tensor that ``layer_norm`` saved), so each saved tensor gets its own small
+:class:`PackedTensor` recording its view (size, stride, offset) onto the shared region.
+Unpack can be called any number of times (``retain_graph``, double backward): it rebuilds from
+the region every time and never consumes it.
 """
 
 from __future__ import annotations
@@ -17,43 +23,53 @@ from torch import Tensor
 
 
 @dataclass(eq=False)
-class LowRankFactors:
-    """Factors of a matrix ``A ~ left @ right`` that stood for ``rows x cols`` of a storage.
+class StoredRegion:
+    """Layout of the tensor a region was built from, so it can be rebuilt exactly.
 
-    ``contiguous`` says the compressed tensor was laid out row-major with no gaps, so the
-    rebuilt buffer has the same linear layout as the original storage stretch and any view that
-    lies inside it can be rebuilt with ``as_strided``.
+    ``contiguous`` says that tensor was row-major with no gaps, so the rebuilt buffer has the
+    same linear layout as the original storage stretch and any view inside it can be rebuilt
+    with ``as_strided``; otherwise only the very same view can share the region.
     """
 
-    left: Tensor
-    right: Tensor
     storage_offset: int
     size: torch.Size
     stride: tuple[int, ...]
     contiguous: bool
     version: int
+    dtype: torch.dtype
+
+    @classmethod
+    def layout_of(cls, tensor: Tensor) -> dict:
+        return {
+            "storage_offset": tensor.storage_offset(),
+            "size": tensor.size(),
+            "stride": tensor.stride(),
+            "contiguous": tensor.is_contiguous(),
+            "version": tensor._version,
+            "dtype": tensor.dtype,
+        }
 
     @property
     def nbytes(self) -> int:
-        return self.left.nbytes + self.right.nbytes
+        raise NotImplementedError
 
-    @property
-    def numel(self) -> int:
-        return self.size.numel()
+    def dense(self) -> Tensor:
+        """The stored values as a contiguous tensor of shape ``size``."""
+        raise NotImplementedError
 
     def covers(self, tensor: Tensor) -> bool:
-        """Whether ``tensor`` (a view of the same storage) can be rebuilt from these factors."""
-        if tensor._version != self.version or tensor.dtype != self.left.dtype:
+        """Whether ``tensor`` (a view of the same storage) can be rebuilt from this region."""
+        if tensor._version != self.version or tensor.dtype != self.dtype:
             return False
         if not self.contiguous:
             same_view = tensor.size() == self.size and tensor.stride() == self.stride
             return same_view and tensor.storage_offset() == self.storage_offset
         start, end = view_extent(tensor)
-        return self.storage_offset <= start and end <= self.storage_offset + self.numel
+        return self.storage_offset <= start and end <= self.storage_offset + self.size.numel()
 
     def rebuild(self) -> Tensor:
-        """The low-rank approximation in the compressed tensor's own shape and strides."""
-        dense = (self.left @ self.right).view(self.size)
+        """The stored values in the original tensor's own shape and strides."""
+        dense = self.dense()
         if self.contiguous:
             return dense
         exact = torch.empty_strided(self.size, self.stride, dtype=dense.dtype, device=dense.device)
@@ -61,18 +77,59 @@ class LowRankFactors:
 
 
 @dataclass(eq=False)
-class PackedTensor:
-    """One saved tensor, stored as a view onto (possibly shared) :class:`LowRankFactors`."""
+class LowRankFactors(StoredRegion):
+    """``left`` (M x k) @ ``right`` (k x N) approximates the region, viewed as M x N."""
 
-    factors: LowRankFactors
+    left: Tensor
+    right: Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.left.nbytes + self.right.nbytes
+
+    def dense(self) -> Tensor:
+        return (self.left @ self.right).view(self.size)
+
+
+@dataclass(eq=False)
+class TwoValuedMask(StoredRegion):
+    """A region holding only ``low`` and ``high``: stored exactly as a bool tensor."""
+
+    is_high: Tensor
+    low: float
+    high: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.is_high.nbytes
+
+    def dense(self) -> Tensor:
+        high = torch.tensor(self.high, dtype=self.dtype, device=self.is_high.device)
+        low = torch.tensor(self.low, dtype=self.dtype, device=self.is_high.device)
+        return torch.where(self.is_high, high, low).view(self.size)
+
+
+@dataclass(eq=False)
+class PackedTensor:
+    """One saved tensor, stored as a view onto a (possibly shared) :class:`StoredRegion`."""
+
+    region: StoredRegion
     size: torch.Size
     stride: tuple[int, ...]
     storage_offset: int
 
+    @classmethod
+    def view_of(cls, region: StoredRegion, tensor: Tensor) -> PackedTensor:
+        return cls(region, tensor.size(), tensor.stride(), tensor.storage_offset())
+
     def unpack(self) -> Tensor:
-        rebuilt = self.factors.rebuild()
-        if self.factors.contiguous:
-            offset = self.storage_offset - self.factors.storage_offset
+        rebuilt = self.region.rebuild()
+        if self.region.contiguous:
+            offset = self.storage_offset - self.region.storage_offset
             rebuilt = rebuilt.view(-1).as_strided(self.size, self.stride, offset)
         return rebuilt
 

@@ -194,20 +194,20 @@ def structural_reason(tensor: Tensor, min_bytes: int) -> str | None:
     return None
 
 
-def value_reason(matrix: Tensor) -> str | None:
-    """Why ``matrix`` must stay raw, judged from its values: NaN/Inf, or a two-valued mask.
+def inspect_values(matrix: Tensor) -> tuple[str | None, float, float]:
+    """Read ``matrix`` once for what low-rank factors cannot hold: NaN/Inf, or only two values.
 
-    A dropout mask saved as floats ({0, 1/(1-p)} on the CPU) or an additive attention mask is full
-    rank, so any low-rank copy of it is garbage. One ``aminmax`` pass finds non-finite values and
-    the two candidate values; a few rows then reject almost every real activation before the
-    full two-valued check runs.
+    Returns ``(NON_FINITE, ...)``, ``(MASK, low, high)`` for a two-valued tensor (the float
+    ``{0, 1/(1-p)}`` dropout mask the CPU saves: full rank, so it is stored exactly instead), or
+    ``(None, ...)``. One ``aminmax`` pass gives the candidate values; a few rows then reject
+    almost every real activation before the full two-valued check runs.
     """
     low, high = torch.aminmax(matrix)
     if not (torch.isfinite(low) and torch.isfinite(high)):
-        return NON_FINITE
+        return NON_FINITE, 0.0, 0.0
     if _two_valued(matrix[:4], low, high) and _two_valued(matrix, low, high):
-        return MASK
-    return None
+        return MASK, low.item(), high.item()
+    return None, 0.0, 0.0
 
 
 def _two_valued(values: Tensor, low: Tensor, high: Tensor) -> bool:

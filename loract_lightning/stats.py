@@ -29,7 +29,8 @@ class CompressionStats:
             compression (parameters and buffers excluded; a storage saved several times counts once).
         stored_bytes: bytes really held for them afterwards: factors plus storages kept raw.
         compressed: saved tensors replaced by newly computed factors.
-        shared: saved tensors answered by factors already computed for the same storage.
+        shared: saved tensors answered by a region already packed from the same storage.
+        masks: two-valued tensors (float dropout masks) stored exactly as bool masks.
         kept: saved tensors kept raw, counted by reason (see ``loract_lightning.policy``).
         compress_seconds: wall time spent in factorizations (on CUDA: launch time, not kernel time).
         modules: the bytes above per qualified module name.
@@ -39,6 +40,7 @@ class CompressionStats:
     stored_bytes: int = 0
     compressed: int = 0
     shared: int = 0
+    masks: int = 0
     kept: Counter[str] = field(default_factory=Counter)
     compress_seconds: float = 0.0
     modules: dict[str, ModuleMemory] = field(default_factory=dict)
@@ -66,6 +68,6 @@ class CompressionStats:
         kept = ", ".join(f"{reason}={count}" for reason, count in sorted(self.kept.items())) or "none"
         return (
             f"saved {self.saved_bytes / mib:.1f} MiB -> stored {self.stored_bytes / mib:.1f} MiB "
-            f"(ratio {self.ratio:.3f}); compressed {self.compressed}, shared {self.shared}, "
+            f"(ratio {self.ratio:.3f}); compressed {self.compressed}, shared {self.shared}, masks {self.masks}, "
             f"kept raw: {kept}; {self.compress_seconds * 1e3:.1f} ms compressing"
         )
