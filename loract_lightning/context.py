@@ -86,7 +86,7 @@ class ActivationCompressor:
         self.min_bytes = min_bytes
         self.ranks = RankPolicy(rank, dict(layers or {}))
         self.ranks.check_against(model)
-        self.checkpointed_modules = select_modules(model, list(checkpoint)) if checkpoint else {}
+        self.checkpointed_modules = select_modules(model, checkpoint) if checkpoint else {}
         self.seed = seed
         self._method_options = {
             key: value for key, value in (("power_iters", power_iters), ("oversample", oversample)) if value is not None

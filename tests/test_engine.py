@@ -1,0 +1,314 @@
+"""compress_activations on a network whose activations have known rank: exactness and bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import KNOWN_MAX_RANK, KnownRankNet, run_and_backward
+from torch import nn
+
+from loract_lightning import ActivationCompressor, compress_activations
+from loract_lightning.linalg import METHODS
+from loract_lightning.packed import LowRankFactors, PackedTensor, TwoValuedMask
+
+LOSSLESS_RANK = KNOWN_MAX_RANK + 12
+MODES = {"default": {}, "layer": {"checkpoint": ["KnownRankBlock"]}}
+
+
+def assert_gradients_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_rank_above_the_activation_rank_gives_the_uncompressed_gradients(known_rank_net, method, mode):
+    x = KnownRankNet.make_input()
+    expected, _ = run_and_backward(known_rank_net, lambda: known_rank_net(x))
+    actual, stats = run_and_backward(
+        known_rank_net, lambda: known_rank_net(x), rank=LOSSLESS_RANK, method=method, min_bytes=0, **MODES[mode]
+    )
+    assert stats.compressed > 0, stats
+    assert stats.ratio < 1.0
+    assert_gradients_close(actual, expected)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_rank_at_or_above_the_last_dim_changes_nothing(known_rank_net, mode):
+    x = KnownRankNet.make_input()
+    expected, _ = run_and_backward(known_rank_net, lambda: known_rank_net(x))
+    actual, stats = run_and_backward(known_rank_net, lambda: known_rank_net(x), rank=1.0, min_bytes=0, **MODES[mode])
+    assert stats.compressed == 0
+    assert torch.equal(actual, expected)
+
+
+def test_a_rank_below_the_activation_rank_is_lossy(known_rank_net):
+    """Guards the exactness tests above: they would pass trivially if nothing were factorized."""
+    x = KnownRankNet.make_input()
+    expected, _ = run_and_backward(known_rank_net, lambda: known_rank_net(x))
+    actual, stats = run_and_backward(known_rank_net, lambda: known_rank_net(x), rank=2, min_bytes=0)
+    assert stats.compressed > 0
+    assert not torch.allclose(actual, expected, rtol=1e-3)
+
+
+def test_global_rng_stream_is_untouched(known_rank_net):
+    x = KnownRankNet.make_input()
+    torch.manual_seed(3)
+    with compress_activations(known_rank_net, rank=8, min_bytes=0):
+        known_rank_net(x)
+    after_compressed = torch.get_rng_state()
+    torch.manual_seed(3)
+    known_rank_net(x)
+    assert torch.equal(after_compressed, torch.get_rng_state())
+
+
+def spy_on_pack(compressor: ActivationCompressor) -> list[dict]:
+    """Record, for every pack call, which module ran and what the hook returned."""
+    calls = []
+    original = compressor.pack
+
+    def pack(tensor):
+        packed = original(tensor)
+        calls.append(
+            {
+                "module": compressor._module_stack[-1] if compressor._module_stack else "",
+                "tensor": tensor,
+                "packed": packed,
+            }
+        )
+        return packed
+
+    compressor.pack = pack
+    return calls
+
+
+def test_saving_one_storage_twice_packs_it_once(known_rank_net):
+    compressor = ActivationCompressor(known_rank_net, rank=LOSSLESS_RANK, min_bytes=0)
+    calls = spy_on_pack(compressor)
+    with compressor.capture() as stats:
+        loss = known_rank_net(KnownRankNet.make_input())
+    loss.backward()
+    # ``hidden * hidden`` saves the same tensor as both operands, in each of the two blocks.
+    squares = [c["packed"] for c in calls if c["module"].startswith("blocks.") and c["module"].count(".") == 1]
+    squares = [p for p in squares if isinstance(p, PackedTensor) and p.size[-1] == 256]
+    assert len(squares) >= 4
+    assert len({id(p.region) for p in squares}) == 2
+    assert stats.shared >= 2
+
+
+def test_parameters_and_masks_are_never_factorized(known_rank_net):
+    compressor = ActivationCompressor(known_rank_net, rank=8, min_bytes=0)
+    calls = spy_on_pack(compressor)
+    with compressor.capture() as stats:
+        known_rank_net(KnownRankNet.make_input()).backward()
+    parameter_storages = {p.untyped_storage().data_ptr() for p in known_rank_net.parameters()}
+    parameter_storages |= {b.untyped_storage().data_ptr() for b in known_rank_net.buffers()}
+    for call in calls:
+        if call["tensor"].untyped_storage().data_ptr() in parameter_storages:
+            assert call["packed"] is call["tensor"]
+    masks = [c["packed"].region for c in calls if c["module"] == "dropout"]
+    assert masks and all(isinstance(region, TwoValuedMask) for region in masks)
+    assert stats.masks == len(masks) and stats.kept["parameter"] > 0
+
+
+def test_float_dropout_mask_is_rebuilt_exactly():
+    model = nn.Dropout(0.3).train()
+    compressor = ActivationCompressor(model, min_bytes=0)
+    calls = spy_on_pack(compressor)
+    x = torch.randn(64, 64, requires_grad=True)
+    with compressor.capture():
+        model(x).sum().backward()
+    (call,) = calls
+    assert isinstance(call["packed"].region, TwoValuedMask)
+    assert call["packed"].region.nbytes == call["tensor"].numel()  # one byte per element
+    assert torch.equal(compressor.unpack(call["packed"]), call["tensor"])
+
+
+def test_sdpa_with_dropout_keeps_its_masks_out_of_the_factors():
+    model = nn.MultiheadAttention(64, 4, dropout=0.2, batch_first=True).train()
+    x = torch.randn(8, 64, 64, requires_grad=True)
+    compressor = ActivationCompressor(model, rank=4, min_bytes=0)
+    calls = spy_on_pack(compressor)
+    with compressor.capture():
+        out, _ = model(x, x, x, need_weights=False)
+    out.sum().backward()
+    for call in calls:
+        tensor = call["tensor"]
+        values = tensor.detach().unique() if tensor.is_floating_point() and tensor.numel() > 0 else None
+        if values is not None and values.numel() <= 2:
+            assert not isinstance(getattr(call["packed"], "region", None), LowRankFactors)
+
+
+def test_non_finite_activations_are_kept_raw_and_counted(known_rank_net):
+    x = KnownRankNet.make_input()
+    x[0, 0, 0] = float("inf")
+    with compress_activations(known_rank_net, rank=8, min_bytes=0) as stats:
+        loss = known_rank_net(x)
+    loss.backward()
+    assert stats.kept["non_finite"] >= 1
+
+
+def test_retain_graph_and_repeated_backward_rebuild_the_same_values(known_rank_net):
+    x = KnownRankNet.make_input()
+    with compress_activations(known_rank_net, rank=LOSSLESS_RANK, min_bytes=0):
+        loss = known_rank_net(x)
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in known_rank_net.parameters()]
+    known_rank_net.zero_grad()
+    loss.backward()
+    for before, after in zip(first, known_rank_net.parameters(), strict=True):
+        assert torch.equal(before, after.grad)
+
+
+def test_double_backward_through_rebuilt_activations():
+    x = KnownRankNet.make_input(batch=2, length=64).requires_grad_()
+    model = KnownRankNet(dropout=0.0).train()
+    with compress_activations(model, rank=LOSSLESS_RANK, min_bytes=0) as stats:
+        loss = model(x)
+    (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
+    grad_x.square().sum().backward()
+    assert stats.compressed > 0
+    expected_model = KnownRankNet(dropout=0.0).train()
+    expected_model.load_state_dict(model.state_dict())
+    x2 = x.detach().requires_grad_()
+    (expected_grad_x,) = torch.autograd.grad(expected_model(x2), x2, create_graph=True)
+    torch.testing.assert_close(grad_x, expected_grad_x, rtol=1e-4, atol=1e-6)
+
+
+def test_non_contiguous_saved_tensors_are_rebuilt_with_their_strides():
+    class TransposedProduct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(256, 64))
+
+        def forward(self, x):
+            return (x.transpose(1, 2) @ self.weight).sum()  # matmul saves the transposed view
+
+    model = TransposedProduct().train()
+    x = KnownRankNet.make_input(batch=2, length=256, width=64)
+    compressor = ActivationCompressor(model, rank=16, min_bytes=0)
+    calls = spy_on_pack(compressor)
+    with compressor.capture():
+        loss = model(x)
+    loss.backward()
+    packed = [c for c in calls if isinstance(c["packed"], PackedTensor)]
+    assert packed, "the transposed activation should have been compressed"
+    for call in packed:
+        rebuilt = call["packed"].unpack()
+        assert rebuilt.stride() == call["tensor"].stride()
+        torch.testing.assert_close(rebuilt, call["tensor"], rtol=1e-4, atol=1e-4)
+
+
+def test_autocast_bf16_keeps_factor_dtype_and_gradients(known_rank_net):
+    x = KnownRankNet.make_input()
+
+    def loss_fn():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return known_rank_net(x).float()
+
+    expected, _ = run_and_backward(known_rank_net, loss_fn)
+    compressor = ActivationCompressor(known_rank_net, rank=LOSSLESS_RANK, min_bytes=0)
+    calls = spy_on_pack(compressor)
+    known_rank_net.zero_grad()
+    torch.manual_seed(0)
+    with compressor.capture() as stats:
+        loss = loss_fn()
+    loss.backward()
+    actual = torch.cat([p.grad.flatten() for p in known_rank_net.parameters()])
+    factors = [c["packed"].region for c in calls if isinstance(getattr(c["packed"], "region", None), LowRankFactors)]
+    assert factors and all(f.left.dtype == f.dtype for f in factors)
+    assert any(f.dtype == torch.bfloat16 for f in factors)
+    # Autocast's bf16 weight copies are new storages: they must still be recognised as weights.
+    weight_saves = [
+        c for c in calls if c["tensor"].dtype == torch.bfloat16 and c["tensor"].shape in {(128, 256), (256, 128)}
+    ]
+    assert weight_saves and all(c["packed"] is c["tensor"] for c in weight_saves)
+    assert stats.compressed > 0
+    cosine = F.cosine_similarity(actual, expected, dim=0)
+    assert cosine > 0.999
+
+
+def test_eval_no_grad_and_inference_mode_install_nothing(known_rank_net):
+    x = KnownRankNet.make_input()
+    known_rank_net.eval()
+    with compress_activations(known_rank_net, rank=4, min_bytes=0) as stats:
+        assert not known_rank_net.blocks[0]._forward_pre_hooks
+        known_rank_net(x)
+    assert stats.saved_bytes == 0 and stats.compressed == 0
+    known_rank_net.train()
+    for context in (torch.no_grad, torch.inference_mode):
+        with context(), compress_activations(known_rank_net, rank=4, min_bytes=0) as stats:
+            assert not known_rank_net.blocks[0]._forward_pre_hooks
+            known_rank_net(x)
+        assert stats.compressed == 0
+
+
+def state_of(model: nn.Module) -> list:
+    return [
+        (name, type(module), dict(module._forward_pre_hooks), dict(module._forward_hooks), "forward" in vars(module))
+        for name, module in model.named_modules()
+    ]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_model_is_left_as_it_was_even_after_an_error(known_rank_net, mode):
+    before = state_of(known_rank_net)
+    with compress_activations(known_rank_net, rank=8, min_bytes=0, **MODES[mode]):
+        assert state_of(known_rank_net) != before
+        loss = known_rank_net(KnownRankNet.make_input())
+    assert state_of(known_rank_net) == before
+    loss.backward()  # backward (and layer mode's recompute) after the block still works
+    with pytest.raises(RuntimeError, match="boom"), compress_activations(known_rank_net, **MODES[mode]):
+        raise RuntimeError("boom")
+    assert state_of(known_rank_net) == before
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def test_layer_mode_keeps_only_the_block_inputs(known_rank_net):
+    compressor = ActivationCompressor(known_rank_net, rank=LOSSLESS_RANK, min_bytes=0, checkpoint=["KnownRankBlock"])
+    calls = spy_on_pack(compressor)
+    with compressor.capture() as stats:
+        known_rank_net(KnownRankNet.make_input()).backward()
+    compressed = [c for c in calls if isinstance(getattr(c["packed"], "region", None), LowRankFactors)]
+    assert sorted(c["module"] for c in compressed) == ["blocks.0", "blocks.1"]
+    assert all(c["tensor"].shape == (4, 128, 128) for c in compressed)
+    # Nothing saved inside a block reaches the hook: checkpointing keeps only the inputs.
+    assert not any(c["module"].startswith("blocks.0.") or c["module"].startswith("blocks.1.") for c in calls)
+    assert stats.compressed == 2
+
+
+def test_layers_override_ranks_and_none_disables(known_rank_net):
+    layers = {"blocks.0.*": 4, "blocks.1*": None}
+    with compress_activations(known_rank_net, rank=8, min_bytes=0, layers=layers) as stats:
+        known_rank_net(KnownRankNet.make_input()).backward()
+    assert stats.modules["blocks.0.up"].ranks == {4}
+    assert stats.modules["blocks.1.up"].compressed == 0
+    assert stats.kept["disabled_by_layers"] > 0
+    assert sum(m.saved_bytes for m in stats.modules.values()) == stats.saved_bytes
+    assert sum(m.stored_bytes for m in stats.modules.values()) == stats.stored_bytes
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"rank": 0}, ValueError, "rank must be .* got 0"),
+        ({"rank": -3}, ValueError, "got -3"),
+        ({"rank": 1.5}, ValueError, r"float in \(0, 1\].* got 1.5"),
+        ({"rank": "big"}, TypeError, "got 'big'"),
+        ({"method": "svd"}, ValueError, "method must be one of .*'sampled_qb'.* got 'svd'"),
+        ({"min_bytes": -1}, ValueError, "min_bytes must be an int >= 0, got -1"),
+        ({"layers": {"nothing.*": 4}}, ValueError, r"\['nothing.\*'\] match no module.*'blocks'"),
+        ({"layers": {"blocks.*": 0}}, ValueError, r"layers\['blocks.\*'\] must be"),
+        ({"checkpoint": ["NoSuchBlock"]}, ValueError, r"\['NoSuchBlock'\] match no module.*KnownRankBlock"),
+        ({"checkpoint": "KnownRankBlock"}, TypeError, "checkpoint must be a list"),
+        ({"power_iters": -1}, ValueError, "power_iters must be None or an int >= 0, got -1"),
+    ],
+)
+def test_bad_options_name_the_value_and_what_is_allowed(known_rank_net, options, error, message):
+    with pytest.raises(error, match=message):
+        compress_activations(known_rank_net, **options)
+
+
+def test_a_model_that_is_not_a_module_is_rejected():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+        compress_activations(lambda x: x)

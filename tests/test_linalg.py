@@ -1,0 +1,107 @@
+"""The factorizations: exact on low-rank input, near-optimal on decaying spectra, own RNG only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loract_lightning.linalg import METHODS, randomized_svd, relative_error, sampled_qb, truncated_svd
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def low_rank_matrix(rows: int, cols: int, rank: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, rank, generator=generator) @ torch.randn(rank, cols, generator=generator)
+
+
+def decaying_matrix(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """A matrix with singular values 0.9**i, like a real hidden state's slowly decaying spectrum."""
+    generator = torch.Generator().manual_seed(seed)
+    left, _ = torch.linalg.qr(torch.randn(rows, min(rows, cols), generator=generator))
+    right, _ = torch.linalg.qr(torch.randn(cols, min(rows, cols), generator=generator))
+    singular = 0.9 ** torch.arange(min(rows, cols), dtype=torch.float32)
+    return (left * singular) @ right.T
+
+
+def factorize(name: str, matrix: torch.Tensor, rank: int, **options):
+    if name != "truncated_svd":
+        options.setdefault("generator", torch.Generator(device=matrix.device).manual_seed(0))
+    return METHODS[name](matrix, rank, **options)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return request.param
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("shape", [(512, 96), (96, 512)], ids=["tall", "wide"])
+def test_exact_on_matrices_of_lower_rank(method, shape, device):
+    matrix = low_rank_matrix(*shape, rank=6).to(device)
+    left, right = factorize(method, matrix, 12)
+    assert left.shape == (shape[0], 12) and right.shape == (12, shape[1])
+    assert relative_error(matrix, left, right) < 1e-5
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_keeps_dtype(method, dtype, device):
+    matrix = low_rank_matrix(256, 64, rank=4).to(device)
+    left, right = factorize(method, matrix.to(dtype), 8)
+    assert left.dtype == dtype and right.dtype == dtype
+    assert relative_error(matrix, left, right) < 2e-2
+
+
+def test_truncated_svd_is_optimal():
+    matrix = decaying_matrix(300, 80)
+    singular = torch.linalg.svdvals(matrix)
+    expected = (singular[10:].square().sum() / singular.square().sum()).sqrt()
+    assert relative_error(matrix, *truncated_svd(matrix, 10)) == pytest.approx(float(expected), rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["sampled_qb", "randomized_svd"])
+def test_randomized_methods_are_near_optimal(method):
+    matrix = decaying_matrix(400, 128)
+    optimal = relative_error(matrix, *truncated_svd(matrix, 16))
+    error = relative_error(matrix, *factorize(method, matrix, 16))
+    assert optimal <= error < 1.5 * optimal
+
+
+def test_power_iterations_and_oversampling_reduce_sampled_qb_error():
+    matrix = decaying_matrix(400, 128)
+    plain = relative_error(matrix, *factorize("sampled_qb", matrix, 16))
+    sharpened = relative_error(matrix, *factorize("sampled_qb", matrix, 16, power_iters=2, oversample=8))
+    assert sharpened < plain
+
+
+@pytest.mark.parametrize("method", ["sampled_qb", "randomized_svd"])
+def test_randomness_comes_only_from_the_given_generator(method):
+    matrix = decaying_matrix(200, 64)
+    global_state = torch.get_rng_state()
+    first = factorize(method, matrix, 8)
+    second = factorize(method, matrix, 8)
+    assert torch.equal(torch.get_rng_state(), global_state)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_sampled_qb_returns_orthonormal_right_factor():
+    _, right = sampled_qb(decaying_matrix(200, 64), 8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(right @ right.T, torch.eye(8), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "rank", "error"),
+    [
+        (torch.randn(4, 4, 4), 2, ValueError),
+        (torch.ones(4, 4, dtype=torch.long), 2, TypeError),
+        (torch.randn(4, 4), 0, ValueError),
+        (torch.randn(4, 4), 1.5, ValueError),
+    ],
+)
+def test_bad_input_is_rejected(matrix, rank, error):
+    for function in (sampled_qb, randomized_svd, truncated_svd):
+        with pytest.raises(error, match="rank|matrix"):
+            function(matrix, rank)
