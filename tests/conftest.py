@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loract_lightning import compress_activations
+from loract_lightning import ActivationCompressor, compress_activations
 
 KNOWN_INPUT_RANK = 2
 # Rank of the largest saved activation in KnownRankNet: block 2 squares a rank-8 tensor.
@@ -72,6 +72,37 @@ def run_and_backward(model: nn.Module, loss_fn, seed: int = 0, **compress_option
     return flat_gradients(model), stats
 
 
+def spy_on_pack(compressor: ActivationCompressor) -> list[dict]:
+    """Record, for every pack call, which module ran and what the hook returned."""
+    calls = []
+    original = compressor.pack
+
+    def pack(tensor):
+        packed = original(tensor)
+        calls.append(
+            {
+                "module": compressor._module_stack[-1] if compressor._module_stack else "",
+                "tensor": tensor,
+                "packed": packed,
+            }
+        )
+        return packed
+
+    compressor.pack = pack
+    return calls
+
+
+REPORT: list[str] = []
+"""Lines that tests add to the end-of-run summary (figures worth reading, such as cosine similarities)."""
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if REPORT:
+        terminalreporter.section("loract figures")
+        for line in REPORT:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture
 def known_rank_net() -> KnownRankNet:
     torch.manual_seed(0)
@@ -122,7 +153,8 @@ def vit():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=112).train()
-    images = torch.randn(32, 3, 112, 112)
+    # Smooth images (upsampled 8x8 noise), like real photos, rather than white noise.
+    images = F.interpolate(torch.randn(32, 3, 8, 8), size=112, mode="bilinear")
     labels = torch.randint(0, 10, (32,))
     return model, lambda: F.cross_entropy(model(images), labels), ["Block"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import KNOWN_MAX_RANK, KnownRankNet, run_and_backward
+from conftest import KNOWN_MAX_RANK, KnownRankNet, run_and_backward, spy_on_pack
 from torch import nn
 
 from loract_lightning import ActivationCompressor, compress_activations
@@ -60,26 +60,6 @@ def test_global_rng_stream_is_untouched(known_rank_net):
     torch.manual_seed(3)
     known_rank_net(x)
     assert torch.equal(after_compressed, torch.get_rng_state())
-
-
-def spy_on_pack(compressor: ActivationCompressor) -> list[dict]:
-    """Record, for every pack call, which module ran and what the hook returned."""
-    calls = []
-    original = compressor.pack
-
-    def pack(tensor):
-        packed = original(tensor)
-        calls.append(
-            {
-                "module": compressor._module_stack[-1] if compressor._module_stack else "",
-                "tensor": tensor,
-                "packed": packed,
-            }
-        )
-        return packed
-
-    compressor.pack = pack
-    return calls
 
 
 def test_saving_one_storage_twice_packs_it_once(known_rank_net):

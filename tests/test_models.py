@@ -1,0 +1,104 @@
+"""Both modes on a transformers Llama, a transformers BERT with dropout and a timm ViT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPORT, run_and_backward, spy_on_pack
+
+from loract_lightning import ActivationCompressor
+from loract_lightning.packed import LowRankFactors, PackedTensor
+
+pytestmark = pytest.mark.slow
+
+RANK = 0.125
+MIN_BYTES = 1 << 16
+
+
+def is_factorized(packed) -> bool:
+    return isinstance(packed, PackedTensor) and isinstance(packed.region, LowRankFactors)
+
+
+def capture_with_spy(model, loss_fn, **options):
+    compressor = ActivationCompressor(model, rank=RANK, min_bytes=MIN_BYTES, **options)
+    calls = spy_on_pack(compressor)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    with compressor.capture() as stats:
+        loss = loss_fn()
+    loss.backward()
+    gradients = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return stats, calls, gradients
+
+
+@pytest.mark.parametrize("mode", ["default", "layer"])
+def test_both_modes_train_and_report_gradient_similarity(real_model, mode):
+    name, model, loss_fn, blocks = real_model
+    expected, _ = run_and_backward(model, loss_fn)
+    options = {"checkpoint": blocks} if mode == "layer" else {}
+    stats, _, actual = capture_with_spy(model, loss_fn, **options)
+    assert stats.compressed > 0
+    assert torch.isfinite(actual).all()
+    cosine = float(F.cosine_similarity(actual, expected, dim=0))
+    REPORT.append(
+        f"{name:5s} {mode:7s} rank 1/8: gradient cosine vs uncompressed {cosine:.3f}, "
+        f"stored/saved {stats.ratio:.3f} ({stats.saved_bytes / 2**20:.1f} MiB saved)"
+    )
+    # Randomly initialised models have far-from-low-rank activations; this only catches garbage.
+    assert cosine > 0.3
+
+
+def test_default_mode_keeps_at_most_35_percent(real_model):
+    name, model, loss_fn, _ = real_model
+    stats, calls, _ = capture_with_spy(model, loss_fn)
+    assert stats.ratio <= 0.35, f"{name}: {stats}"
+    parameter_storages = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    for call in calls:
+        tensor = call["tensor"]
+        if tensor.untyped_storage().data_ptr() in parameter_storages:
+            assert call["packed"] is tensor, f"parameter saved by {call['module']} was packed"
+        if is_factorized(call["packed"]):
+            assert tensor.unique().numel() > 2, f"a two-valued tensor from {call['module']} was factorized"
+    assert stats.kept["parameter"] > 0
+
+
+@pytest.mark.parametrize(
+    ("model_name", "projections"),
+    [
+        ("llama", ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]),
+        ("bert", ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.key",
+                  "bert.encoder.layer.0.attention.self.value"]),
+    ],
+)  # fmt: skip
+def test_q_k_v_share_one_packed_region(request, model_name, projections):
+    model, loss_fn, _ = request.getfixturevalue(model_name)
+    _, calls, _ = capture_with_spy(model, loss_fn)
+    regions = {
+        id(call["packed"].region)
+        for call in calls
+        if call["module"] in projections and is_factorized(call["packed"]) and call["tensor"].ndim >= 2
+    }
+    seen = {call["module"] for call in calls if call["module"] in projections and is_factorized(call["packed"])}
+    assert seen == set(projections)
+    assert len(regions) == 1
+
+
+def test_bert_dropout_masks_are_stored_exactly(bert):
+    model, loss_fn, _ = bert
+    stats, calls, _ = capture_with_spy(model, loss_fn)
+    assert stats.masks > 0
+    for call in calls:
+        if isinstance(call["packed"], PackedTensor) and not is_factorized(call["packed"]):
+            assert torch.equal(call["packed"].unpack(), call["tensor"])
+
+
+def test_layer_mode_keeps_only_block_inputs_compressed(real_model):
+    name, model, loss_fn, blocks = real_model
+    stats, calls, _ = capture_with_spy(model, loss_fn, checkpoint=blocks)
+    block_names = {n for n, m in model.named_modules() if type(m).__name__ in blocks}
+    compressed = [call for call in calls if is_factorized(call["packed"])]
+    # One hidden-state input per block, and nothing from inside a block ever reaches the hook.
+    assert sorted(call["module"] for call in compressed) == sorted(block_names)
+    assert not any(call["module"].startswith(tuple(f"{b}." for b in block_names)) for call in calls)
+    assert stats.compressed == len(block_names), f"{name}: {stats}"
