@@ -64,15 +64,15 @@ def test_default_mode_keeps_at_most_35_percent(real_model):
 
 
 @pytest.mark.parametrize(
-    ("model_name", "projections"),
+    ("model_name", "prefix", "projections"),
     [
-        ("llama", ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]),
-        ("bert", ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.key",
-                  "bert.encoder.layer.0.attention.self.value"]),
+        ("llama", "model.layers.0.self_attn.", ["q_proj", "k_proj", "v_proj"]),
+        ("bert", "bert.encoder.layer.0.attention.self.", ["query", "key", "value"]),
     ],
-)  # fmt: skip
-def test_q_k_v_share_one_packed_region(request, model_name, projections):
+)
+def test_q_k_v_share_one_packed_region(request, model_name, prefix, projections):
     model, loss_fn, _ = request.getfixturevalue(model_name)
+    projections = [prefix + name for name in projections]
     _, calls, _ = capture_with_spy(model, loss_fn)
     regions = {
         id(call["packed"].region)
