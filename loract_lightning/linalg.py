@@ -62,7 +62,8 @@ def sampled_qb(
 
     Args:
         matrix: the 2-D matrix ``A`` (M x N) to factorize.
-        rank: number of columns ``k`` of the basis; clamped to ``min(M, N)``.
+        rank: number of columns ``k`` of the basis; clamped to ``min(M, N)``. A wide matrix
+            (M < N) is factorized through its transpose, so the basis lies on the short side.
         oversample: extra sampled columns; the basis is then shrunk back to ``rank``.
         power_iters: extra passes ``Y <- A^T (A Q)`` that sharpen the basis on flat spectra.
         generator: source of the random column choice (defaults to the global generator).
@@ -71,6 +72,11 @@ def sampled_qb(
         ``(L, R)`` with ``L = A Q`` (M x k) and ``R = Q^T`` (k x N), in ``matrix.dtype``.
     """
     _check_input(matrix, rank)
+    if matrix.shape[0] < matrix.shape[1]:
+        # Wide matrix (logits over a vocabulary): sketch its row space instead, so the QR runs on
+        # the short side. A^T ~ L R  gives  A ~ R^T L^T.
+        left, right = sampled_qb(matrix.T, rank, oversample=oversample, power_iters=power_iters, generator=generator)
+        return right.T.contiguous(), left.T.contiguous()
     num_cols = matrix.shape[1]
     rank = min(rank, *matrix.shape)
     sample_size = min(rank + oversample, num_cols)
