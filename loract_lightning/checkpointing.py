@@ -25,9 +25,6 @@ def select_modules(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Mod
     already checkpointed (FSDP's ``activation_checkpointing_policy``, a transformers model with
     gradient checkpointing on) are skipped with a warning instead of being wrapped twice.
     """
-    if isinstance(targets, str) or not all(isinstance(target, str) for target in targets):
-        raise TypeError(f"checkpoint must be a list of module class names or glob patterns, got {targets!r}")
-    targets = list(targets)
     selected: dict[str, nn.Module] = {}
     matched = dict.fromkeys(targets, False)
     skipped = []

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from loract_lightning import policy
 from loract_lightning.checkpointing import checkpointed, select_modules
 from loract_lightning.linalg import METHODS, RANDOMIZED
+from loract_lightning.options import CompressionOptions
 from loract_lightning.packed import LowRankFactors, PackedTensor, StoredRegion, TwoValuedMask
 from loract_lightning.policy import ParameterIndex, RankPolicy, RankSpec
 from loract_lightning.stats import CompressionStats
@@ -41,55 +43,28 @@ class _StorageRecord:
 class ActivationCompressor:
     """Compresses the activations a model saves for backward into low-rank factors.
 
-    Build it once with the options, then wrap each training forward in :meth:`capture`.
+    Build it once, then wrap each training forward in :meth:`capture`. The options are those of
+    :class:`~loract_lightning.options.CompressionOptions`.
 
     Args:
         model: the module whose forward is compressed; its parameters and buffers are never
             compressed, and its module names are what ``layers`` and ``checkpoint`` match.
-        rank: default rank: an int k, or a float in (0, 1] meaning ``round(rank * N)`` for an
-            activation whose last dimension is N.
-        method: ``"sampled_qb"`` (the paper's, default), ``"randomized_svd"`` or ``"truncated_svd"``.
-        min_bytes: activations smaller than this stay raw (factorizing them costs more than it saves).
-        layers: glob pattern on qualified module names -> rank or None (None: no compression).
-            The module running when a tensor is saved is looked up; the first matching pattern wins.
-        checkpoint: layer mode. Module class names or glob patterns; those modules run under
-            activation checkpointing, and only their inputs are saved, compressed. Tensors saved
-            outside them stay raw.
-        seed: seed of the compressor's own random generator (the global RNG is never drawn from).
-        power_iters: power iterations for the randomized methods (None: the method's default).
-        oversample: extra sketch columns for the randomized methods (None: the method's default).
+        **options: see :class:`~loract_lightning.options.CompressionOptions`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        rank: int | float = 0.125,
-        method: str = "sampled_qb",
-        min_bytes: int = 1 << 20,
-        layers: Mapping[str, RankSpec] | None = None,
-        checkpoint: Sequence[str] | None = None,
-        seed: int = 0,
-        power_iters: int | None = None,
-        oversample: int | None = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, **options: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-        if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
-            raise ValueError(f"min_bytes must be an int >= 0, got {min_bytes!r}")
-        for name, value in (("power_iters", power_iters), ("oversample", oversample)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
         self.model = model
-        self.method = method
-        self.min_bytes = min_bytes
-        self.ranks = RankPolicy(rank, dict(layers or {}))
+        self.options = CompressionOptions(**options)
+        self.ranks = RankPolicy(self.options.rank, self.options.layers)
         self.ranks.check_against(model)
+        checkpoint = self.options.checkpoint
         self.checkpointed_modules = select_modules(model, checkpoint) if checkpoint else {}
-        self.seed = seed
         self._method_options = {
-            key: value for key, value in (("power_iters", power_iters), ("oversample", oversample)) if value is not None
+            key: value
+            for key, value in (("power_iters", self.options.power_iters), ("oversample", self.options.oversample))
+            if value is not None
         }
         self._generators: dict[torch.device, torch.Generator] = {}
         self._module_stack: list[str] = []
@@ -207,7 +182,7 @@ class ActivationCompressor:
 
     def _policy_reason(self, tensor: Tensor, module_name: str, record: _StorageRecord) -> tuple[str | None, RankSpec]:
         """Why ``tensor`` stays raw, judged without reading its values; else None and its rank spec."""
-        reason = policy.structural_reason(tensor, self.min_bytes)
+        reason = policy.structural_reason(tensor, self.options.min_bytes)
         if reason is not None:
             return reason, None
         if self.layer_mode and module_name not in self.checkpointed_modules:
@@ -228,9 +203,9 @@ class ActivationCompressor:
         return tensor
 
     def _factorize(self, tensor: Tensor, matrix: Tensor, rank: int) -> LowRankFactors:
-        factorize = METHODS[self.method]
+        factorize = METHODS[self.options.method]
         options = dict(self._method_options)
-        if self.method in RANDOMIZED:
+        if self.options.method in RANDOMIZED:
             options["generator"] = self._generator(tensor.device)
         start = time.perf_counter()
         # The hook may run under autocast; the factors must keep the activation's own dtype.
@@ -241,24 +216,15 @@ class ActivationCompressor:
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.options.seed)
         return self._generators[device]
 
 
-def compress_activations(
-    model: nn.Module,
-    rank: int | float = 0.125,
-    method: str = "sampled_qb",
-    min_bytes: int = 1 << 20,
-    layers: Mapping[str, RankSpec] | None = None,
-    checkpoint: Sequence[str] | None = None,
-    seed: int = 0,
-    power_iters: int | None = None,
-    oversample: int | None = None,
-):
+def compress_activations(model: nn.Module, **options: Any) -> AbstractContextManager[CompressionStats]:
     """Compress the activations ``model`` saves for backward inside the ``with`` block.
 
-    Takes the options of :class:`ActivationCompressor` and yields the forward's
+    Takes the options of :class:`~loract_lightning.options.CompressionOptions` (rank, method,
+    min_bytes, layers, checkpoint, seed, power_iters, oversample) and yields the forward's
     :class:`~loract_lightning.stats.CompressionStats`. Run backward after the block; the model is
     left exactly as it was.
 
@@ -269,5 +235,4 @@ def compress_activations(
         loss.backward()
         print(stats.ratio)
     """
-    compressor = ActivationCompressor(model, rank, method, min_bytes, layers, checkpoint, seed, power_iters, oversample)
-    return compressor.capture()
+    return ActivationCompressor(model, **options).capture()

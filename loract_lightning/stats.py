@@ -63,6 +63,23 @@ class CompressionStats:
         self.stored_bytes += nbytes
         self.module(module_name).stored_bytes += nbytes
 
+    def merge(self, other: CompressionStats) -> CompressionStats:
+        """Add ``other`` (another forward of the same step, e.g. under manual optimization) into this."""
+        self.saved_bytes += other.saved_bytes
+        self.stored_bytes += other.stored_bytes
+        self.compressed += other.compressed
+        self.shared += other.shared
+        self.masks += other.masks
+        self.kept.update(other.kept)
+        self.compress_seconds += other.compress_seconds
+        for name, memory in other.modules.items():
+            mine = self.module(name)
+            mine.saved_bytes += memory.saved_bytes
+            mine.stored_bytes += memory.stored_bytes
+            mine.compressed += memory.compressed
+            mine.ranks |= memory.ranks
+        return self
+
     def __str__(self) -> str:
         mib = 2**20
         kept = ", ".join(f"{reason}={count}" for reason, count in sorted(self.kept.items())) or "none"

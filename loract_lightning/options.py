@@ -1,0 +1,69 @@
+"""The compression options shared by ``compress_activations``, the ``LoRAct`` callback and the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+from loract_lightning.linalg import METHODS
+from loract_lightning.policy import RankPolicy, RankSpec
+
+
+@dataclass(frozen=True)
+class CompressionOptions:
+    """Validated options; a bad value raises a ValueError/TypeError that names it and what is allowed.
+
+    Args:
+        rank: default rank: an int k, or a float in (0, 1] meaning ``round(rank * N)`` for an
+            activation whose last dimension is N (of M when it has fewer rows M than columns).
+        method: ``"sampled_qb"`` (the paper's, default), ``"randomized_svd"`` or ``"truncated_svd"``.
+        min_bytes: activations smaller than this stay raw (factorizing them costs more than it saves).
+        layers: glob pattern on qualified module names -> rank, or None for no compression. The
+            module running when a tensor is saved is looked up; the first matching pattern wins.
+        checkpoint: layer mode: module class names or glob patterns; those modules run under
+            activation checkpointing and only their inputs are saved, compressed. Tensors saved
+            outside them stay raw.
+        seed: seed of the compressor's own random generator (the global RNG is never drawn from).
+        power_iters: power iterations of the randomized methods (None: the method's default,
+            0 for sampled_qb, 2 for randomized_svd).
+        oversample: extra sketch columns of the randomized methods (None: the method's default,
+            0 for sampled_qb, 10 for randomized_svd).
+    """
+
+    rank: int | float = 0.125
+    method: str = "sampled_qb"
+    min_bytes: int = 1 << 20
+    layers: Mapping[str, RankSpec] = field(default_factory=dict)
+    checkpoint: Sequence[str] = ()
+    seed: int = 0
+    power_iters: int | None = None
+    oversample: int | None = None
+
+    def __post_init__(self) -> None:
+        RankPolicy(self.rank, self.layers or {})  # validates rank and every layers entry
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        _check_count("min_bytes", self.min_bytes)
+        _check_count("seed", self.seed)
+        for name in ("power_iters", "oversample"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_count(name, value, "None or ")
+        if isinstance(self.checkpoint, str) or not all(isinstance(c, str) for c in self.checkpoint or ()):
+            raise TypeError(
+                f"checkpoint must be a list of module class names or glob patterns, got {self.checkpoint!r}"
+            )
+        # Normalise so that two equal configurations compare (and serialise) equal.
+        object.__setattr__(self, "layers", dict(self.layers or {}))
+        object.__setattr__(self, "checkpoint", tuple(self.checkpoint or ()))
+
+    def to_dict(self) -> dict:
+        """Plain, serialisable form (lists instead of tuples) for checkpoints and logs."""
+        values = asdict(self)
+        values["checkpoint"] = list(self.checkpoint)
+        return values
+
+
+def _check_count(name: str, value: object, prefix: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be {prefix}an int >= 0, got {value!r}")
