@@ -1,7 +1,29 @@
-"""loract-lightning: low-rank activation compression (LoRAct) for PyTorch and Lightning."""
+"""loract-lightning: low-rank activation compression (LoRAct) for PyTorch and Lightning.
+
+The core (``compress_activations``) needs only PyTorch; the Lightning callbacks are imported on
+first use, so plain-PyTorch users do not pay for importing Lightning.
+"""
+
+from typing import Any
 
 from loract_lightning.context import ActivationCompressor, compress_activations
+from loract_lightning.options import CompressionOptions
 from loract_lightning.stats import CompressionStats, ModuleMemory
 
-__all__ = ["ActivationCompressor", "CompressionStats", "ModuleMemory", "compress_activations"]
+__all__ = [
+    "ActivationCompressor",
+    "CompressionOptions",
+    "CompressionStats",
+    "LoRAct",
+    "ModuleMemory",
+    "compress_activations",
+]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LoRAct":
+        from loract_lightning.callback import LoRAct
+
+        return LoRAct
+    raise AttributeError(f"module 'loract_lightning' has no attribute {name!r}")

@@ -9,23 +9,27 @@ from the rebuilt inputs. We only swap each module's ``forward`` for a call throu
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
-from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 
-def select_modules(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Module]:
-    """The outermost modules of ``model`` whose class name or qualified name matches a target.
+def select_modules(model: nn.Module, targets: Sequence[str]) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """Split the outermost modules matching ``targets`` into (to wrap, already checkpointed).
 
     A target is a class name (``"LlamaDecoderLayer"``) or a glob on qualified names
-    (``"encoder.layer.*"``). A target that matches nothing raises a ValueError. Modules that are
-    already checkpointed (FSDP's ``activation_checkpointing_policy``, a transformers model with
-    gradient checkpointing on) are skipped with a warning instead of being wrapped twice.
+    (``"encoder.layer.*"``); one that matches nothing raises a ValueError. A match that already
+    runs under checkpointing is not wrapped twice: under a torch ``CheckpointWrapper`` (what
+    Lightning's FSDP ``activation_checkpointing_policy`` applies) its wrapper is returned in the
+    second dict, since that wrapper saves the inputs through saved-tensor hooks and they can still
+    be compressed; under a transformers model's own gradient checkpointing it is skipped. Both
+    cases warn.
     """
-    selected: dict[str, nn.Module] = {}
+    to_wrap: dict[str, nn.Module] = {}
+    existing: dict[str, nn.Module] = {}
     matched = dict.fromkeys(targets, False)
     skipped = []
     for name, module in model.named_modules():
@@ -33,12 +37,15 @@ def select_modules(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Mod
         if not hits:
             continue
         matched.update(dict.fromkeys(hits, True))
-        if any(name.startswith(f"{outer}.") for outer in selected):
+        if any(name.startswith(f"{outer}.") for outer in [*to_wrap, *existing]):
             continue
-        if _already_checkpointed(model, name):
+        checkpointing_ancestor = _checkpointing_ancestor(model, name)
+        if checkpointing_ancestor is None:
+            to_wrap[name] = module
+        elif type(model.get_submodule(checkpointing_ancestor)).__name__ == "CheckpointWrapper":
+            existing[checkpointing_ancestor] = model.get_submodule(checkpointing_ancestor)
+        else:
             skipped.append(name)
-            continue
-        selected[name] = module
     missing = [target for target, hit in matched.items() if not hit]
     if missing:
         classes = sorted({type(m).__name__ for m in model.modules()})[:8]
@@ -47,21 +54,31 @@ def select_modules(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Mod
             f"checkpoint target(s) {missing} match no module of {type(model).__name__}; "
             f"give class names such as {classes} or globs on names such as {names}"
         )
+    if existing:
+        warnings.warn(
+            f"LoRAct: {len(existing)} module(s) already run under a CheckpointWrapper (e.g. {list(existing)[:2]}); "
+            "not wrapping them again, their saved inputs are compressed",
+            stacklevel=3,
+        )
     if skipped:
-        rank_zero_warn(f"LoRAct: skipping {len(skipped)} already checkpointed module(s): {skipped[:4]}")
-    return selected
+        warnings.warn(
+            f"LoRAct: skipping {len(skipped)} module(s) under the model's own gradient checkpointing "
+            f"(e.g. {skipped[:2]}); their inputs stay raw. Turn it off to use layer mode on them.",
+            stacklevel=3,
+        )
+    return to_wrap, existing
 
 
-def _already_checkpointed(model: nn.Module, name: str) -> bool:
-    """Whether ``name`` or one of its ancestors is wrapped by, or runs, activation checkpointing."""
+def _checkpointing_ancestor(model: nn.Module, name: str) -> str | None:
+    """Name of the outermost module on the path to ``name`` that runs activation checkpointing."""
     parts = name.split(".") if name else []
     module = model
     for depth in range(len(parts) + 1):
         if depth:
             module = module.get_submodule(parts[depth - 1])
         if type(module).__name__ == "CheckpointWrapper" or getattr(module, "gradient_checkpointing", False):
-            return True
-    return False
+            return ".".join(parts[:depth])
+    return None
 
 
 @contextmanager

@@ -59,8 +59,9 @@ class ActivationCompressor:
         self.options = CompressionOptions(**options)
         self.ranks = RankPolicy(self.options.rank, self.options.layers)
         self.ranks.check_against(model)
-        checkpoint = self.options.checkpoint
-        self.checkpointed_modules = select_modules(model, checkpoint) if checkpoint else {}
+        self._modules_to_wrap, existing = select_modules(model, self.options.checkpoint)
+        self.checkpointed_modules = {**self._modules_to_wrap, **existing}
+        """Layer mode: the modules whose saved inputs are compressed (by qualified name)."""
         self._method_options = {
             key: value
             for key, value in (("power_iters", self.options.power_iters), ("oversample", self.options.oversample))
@@ -92,7 +93,7 @@ class ActivationCompressor:
         with ExitStack() as installed:
             installed.callback(self._forget_forward)
             installed.enter_context(self._track_modules())
-            installed.enter_context(checkpointed(self.checkpointed_modules))
+            installed.enter_context(checkpointed(self._modules_to_wrap))
             installed.enter_context(torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack))
             yield stats
 

@@ -292,3 +292,28 @@ def test_bad_options_name_the_value_and_what_is_allowed(known_rank_net, options,
 def test_a_model_that_is_not_a_module_is_rejected():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
         compress_activations(lambda x: x)
+
+
+def test_layer_mode_reuses_existing_checkpoint_wrappers(known_rank_net):
+    """Lightning's FSDP activation_checkpointing_policy wraps blocks in CheckpointWrapper: not wrapped twice."""
+    from conftest import KnownRankBlock
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    apply_activation_checkpointing(known_rank_net, check_fn=lambda module: isinstance(module, KnownRankBlock))
+    x = KnownRankNet.make_input()
+    expected, _ = run_and_backward(known_rank_net, lambda: known_rank_net(x))
+    with pytest.warns(UserWarning, match="already run under a CheckpointWrapper"):
+        compressor = ActivationCompressor(
+            known_rank_net, rank=LOSSLESS_RANK, min_bytes=0, checkpoint=["KnownRankBlock"]
+        )
+    calls = spy_on_pack(compressor)
+    known_rank_net.zero_grad()
+    torch.manual_seed(0)
+    with compressor.capture() as stats:
+        assert "forward" not in vars(known_rank_net.blocks[0])  # not wrapped a second time
+        loss = known_rank_net(x)
+    loss.backward()
+    compressed = sorted(c["module"] for c in calls if isinstance(c["packed"], PackedTensor))
+    assert compressed == ["blocks.0", "blocks.1"] and stats.compressed == 2
+    actual = torch.cat([p.grad.flatten() for p in known_rank_net.parameters()])
+    assert_gradients_close(actual, expected)

@@ -1,0 +1,218 @@
+"""LoRAct callback: compress the training forward of a LightningModule."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from loract_lightning.context import ActivationCompressor
+from loract_lightning.options import CompressionOptions
+from loract_lightning.policy import RankSpec
+from loract_lightning.stats import CompressionStats
+
+
+class LoRAct(Callback):
+    r"""Store the activations of every training forward as low-rank factors (LoRAct).
+
+    Compression is installed for the training forward only: from the start of each training batch
+    until backward starts, and again after each backward of the same batch (manual optimization
+    runs several forward/backward pairs in one ``training_step``). Backward, checkpoint
+    recomputation, validation, test, predict and the sanity check are never compressed. At the
+    end of fit everything it added is removed and the model is as it was.
+
+    **Logged metrics** (through ``trainer.loggers``, every ``log_every_n_steps``):
+
+    - ``loract/saved_bytes``: activation bytes autograd saved in the step, before compression;
+    - ``loract/stored_bytes``: bytes really held for them after compression;
+    - ``loract/ratio``: stored / saved;
+    - ``loract/compress_ms``: time spent factorizing in the step.
+
+    Module names in ``layers`` and ``checkpoint`` are those of ``pl_module.named_modules()``, so
+    they start with the attribute that holds the network (``"model.bert.encoder.layer.0.*"``).
+
+    Args:
+        rank: default rank: an int k, or a float in (0, 1] meaning a fraction of each activation's
+            last dimension.
+        method: ``"sampled_qb"`` (the paper's), ``"randomized_svd"`` or ``"truncated_svd"``.
+        min_bytes: activations smaller than this stay raw.
+        layers: glob pattern on module names -> rank, or None for no compression; first match wins.
+        checkpoint: layer mode: module class names or glob patterns to run under activation
+            checkpointing; only their inputs are saved, compressed.
+        seed: seed of the compressor's own random generator.
+        power_iters: power iterations of the randomized methods (None: the method's default).
+        oversample: extra sketch columns of the randomized methods (None: the method's default).
+
+    Example::
+
+        from lightning import Trainer
+        from loract_lightning import LoRAct
+
+        # default mode: every eligible saved activation at rank 1/8 of its width
+        trainer = Trainer(callbacks=[LoRAct(rank=0.125)])
+
+        # layer mode: checkpoint each BERT layer, keep its input at rank 64, skip the first layer
+        trainer = Trainer(callbacks=[LoRAct(rank=64, checkpoint=["BertLayer"], layers={"*.layer.0": None})])
+    """
+
+    def __init__(
+        self,
+        rank: int | float = 0.125,
+        method: str = "sampled_qb",
+        min_bytes: int = 1 << 20,
+        layers: dict[str, RankSpec] | None = None,
+        checkpoint: list[str] | None = None,
+        seed: int = 0,
+        power_iters: int | None = None,
+        oversample: int | None = None,
+    ) -> None:
+        self.options = CompressionOptions(
+            rank=rank,
+            method=method,
+            min_bytes=min_bytes,
+            layers=layers or {},
+            checkpoint=checkpoint or (),
+            seed=seed,
+            power_iters=power_iters,
+            oversample=oversample,
+        )
+        self.compressor: ActivationCompressor | None = None
+        self.step_stats = CompressionStats()
+        """Stats of the current (or last finished) training step, summed over its forwards."""
+        self._installed: ExitStack | None = None
+        self._forward_stats: CompressionStats | None = None
+        self._in_training_batch = False
+        self._restored_state: dict[str, Any] | None = None
+
+    # -- install / remove --------------------------------------------------------------------
+
+    def _install(self) -> None:
+        if self._installed is None and self.compressor is not None:
+            self._installed = ExitStack()
+            self._forward_stats = self._installed.enter_context(self.compressor.capture())
+
+    def _remove(self) -> None:
+        if self._installed is not None:
+            installed, self._installed = self._installed, None
+            installed.close()
+            self.step_stats.merge(self._forward_stats)
+
+    @property
+    def installed(self) -> bool:
+        """Whether compression is active right now."""
+        return self._installed is not None
+
+    # -- fit lifecycle -----------------------------------------------------------------------
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.compressor = ActivationCompressor(pl_module, **self.options.to_dict())
+        if self._restored_state is not None:
+            self._apply_restored_state(self._restored_state)
+            self._restored_state = None
+        self._log_summary(pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.step_stats = CompressionStats()
+        self._in_training_batch = True
+        self._install()
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        self._remove()
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._in_training_batch:
+            self._install()  # manual optimization may run another forward in the same step
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._remove()
+        self._in_training_batch = False
+        self._log_step(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove()
+        self._in_training_batch = False
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove()
+        self._in_training_batch = False
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove()
+        self._in_training_batch = False
+        self.compressor = None
+
+    # -- logging -----------------------------------------------------------------------------
+
+    def _log_summary(self, pl_module: pl.LightningModule) -> None:
+        compressor = self.compressor
+        mode = f"layer mode ({len(compressor.checkpointed_modules)} checkpointed modules)"
+        if not compressor.layer_mode:
+            mode = "default mode"
+        rank = self.options.rank
+        rank_text = f"{rank} of each activation's last dim" if isinstance(rank, float) else f"{rank}"
+        lines = [f"LoRAct: {mode}, rank {rank_text}, method {self.options.method}"]
+        module_names = [name for name, _ in pl_module.named_modules()]
+        for pattern, count in compressor.ranks.matches(module_names).items():
+            lines.append(f"  layers[{pattern!r}] -> {self.options.layers[pattern]}: matches {count} modules")
+        rank_zero_info("\n".join(lines))
+
+    def _log_step(self, trainer: pl.Trainer) -> None:
+        stats = self.step_stats
+        if not trainer.loggers or not trainer._logger_connector.should_update_logs:
+            return
+        metrics = {
+            "loract/saved_bytes": float(stats.saved_bytes),
+            "loract/stored_bytes": float(stats.stored_bytes),
+            "loract/ratio": stats.ratio,
+            "loract/compress_ms": stats.compress_seconds * 1e3,
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    # -- checkpointing -----------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        generators = self.compressor._generators if self.compressor else {}
+        return {
+            "options": self.options.to_dict(),
+            "generator_states": {str(device): g.get_state() for device, g in generators.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Restored before on_fit_start builds the compressor; applied there.
+        self._restored_state = state_dict
+        saved = state_dict.get("options", {})
+        current = self.options.to_dict()
+        differences = [
+            f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}"
+            for key in current
+            if key in saved and saved[key] != current[key]
+        ]
+        if differences:
+            rank_zero_warn(
+                "LoRAct: resuming with a compression config that differs from the checkpoint's; "
+                "this run uses the new one. Differences: " + "; ".join(differences)
+            )
+
+    def _apply_restored_state(self, state: dict[str, Any]) -> None:
+        for device, generator_state in state.get("generator_states", {}).items():
+            self.compressor._generator(torch.device(device)).set_state(generator_state)
