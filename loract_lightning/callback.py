@@ -36,6 +36,10 @@ class LoRAct(Callback):
     Module names in ``layers`` and ``checkpoint`` are those of ``pl_module.named_modules()``, so
     they start with the attribute that holds the network (``"model.bert.encoder.layer.0.*"``).
 
+    Under ``torch.compile`` the compiled graph's saved tensors are compressed (both modes train as
+    without compile), but module hooks do not run inside compiled code: every saved tensor is
+    attributed to the root module, so ``layers`` overrides do not apply (a warning says so).
+
     Args:
         rank: default rank: an int k, or a float in (0, 1] meaning a fraction of each activation's
             last dimension.
@@ -116,6 +120,11 @@ class LoRAct(Callback):
             self._apply_restored_state(self._restored_state)
             self._restored_state = None
         self._log_summary(pl_module)
+        if getattr(pl_module, "_compiler_ctx", None) and self.options.layers:
+            rank_zero_warn(
+                "LoRAct: the LightningModule is compiled; module hooks do not run inside compiled code, so every "
+                "saved tensor is attributed to the root module and `layers` overrides do not apply."
+            )
 
     @override
     def on_train_batch_start(
