@@ -12,6 +12,7 @@ from loract_lightning.stats import CompressionStats, ModuleMemory
 
 __all__ = [
     "ActivationCompressor",
+    "ActivationMemoryMonitor",
     "CompressionOptions",
     "CompressionStats",
     "LoRAct",
@@ -26,4 +27,8 @@ def __getattr__(name: str) -> Any:
         from loract_lightning.callback import LoRAct
 
         return LoRAct
+    if name == "ActivationMemoryMonitor":
+        from loract_lightning.monitor import ActivationMemoryMonitor
+
+        return ActivationMemoryMonitor
     raise AttributeError(f"module 'loract_lightning' has no attribute {name!r}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,6 +14,7 @@ from loract_lightning.context import ActivationCompressor
 from loract_lightning.options import CompressionOptions
 from loract_lightning.policy import RankSpec
 from loract_lightning.stats import CompressionStats
+from loract_lightning.step_capture import StepCapture
 
 
 class LoRAct(Callback):
@@ -86,36 +86,25 @@ class LoRAct(Callback):
             oversample=oversample,
         )
         self.compressor: ActivationCompressor | None = None
-        self.step_stats = CompressionStats()
-        """Stats of the current (or last finished) training step, summed over its forwards."""
-        self._installed: ExitStack | None = None
-        self._forward_stats: CompressionStats | None = None
-        self._in_training_batch = False
+        self._capture: StepCapture | None = None
         self._restored_state: dict[str, Any] | None = None
 
-    # -- install / remove --------------------------------------------------------------------
-
-    def _install(self) -> None:
-        if self._installed is None and self.compressor is not None:
-            self._installed = ExitStack()
-            self._forward_stats = self._installed.enter_context(self.compressor.capture())
-
-    def _remove(self) -> None:
-        if self._installed is not None:
-            installed, self._installed = self._installed, None
-            installed.close()
-            self.step_stats.merge(self._forward_stats)
+    @property
+    def step_stats(self) -> CompressionStats:
+        """Stats of the current (or last finished) training step, summed over its forwards."""
+        return self._capture.step_stats if self._capture else CompressionStats()
 
     @property
     def installed(self) -> bool:
         """Whether compression is active right now."""
-        return self._installed is not None
+        return bool(self._capture and self._capture.installed)
 
     # -- fit lifecycle -----------------------------------------------------------------------
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.compressor = ActivationCompressor(pl_module, **self.options.to_dict())
+        self._capture = StepCapture(self.compressor)
         if self._restored_state is not None:
             self._apply_restored_state(self._restored_state)
             self._restored_state = None
@@ -130,42 +119,37 @@ class LoRAct(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self.step_stats = CompressionStats()
-        self._in_training_batch = True
-        self._install()
+        self._capture.start_step()
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
-        self._remove()
+        self._capture.pause()
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._in_training_batch:
-            self._install()  # manual optimization may run another forward in the same step
+        self._capture.resume()  # manual optimization may run another forward in the same step
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._remove()
-        self._in_training_batch = False
+        self._capture.end_step()
         self._log_step(trainer)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove()
-        self._in_training_batch = False
+        if self._capture:
+            self._capture.close()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove()
-        self._in_training_batch = False
+        if self._capture:
+            self._capture.close()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove()
-        self._in_training_batch = False
-        self.compressor = None
+        if self._capture:
+            self._capture.close()
 
     # -- logging -----------------------------------------------------------------------------
 

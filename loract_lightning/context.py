@@ -24,7 +24,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from loract_lightning import policy
 from loract_lightning.checkpointing import checkpointed, select_modules
-from loract_lightning.linalg import METHODS, RANDOMIZED
+from loract_lightning.linalg import METHODS, RANDOMIZED, projection_error
 from loract_lightning.options import CompressionOptions
 from loract_lightning.packed import LowRankFactors, PackedTensor, StoredRegion, TwoValuedMask
 from loract_lightning.policy import ParameterIndex, RankPolicy, RankSpec
@@ -49,13 +49,21 @@ class ActivationCompressor:
     Args:
         model: the module whose forward is compressed; its parameters and buffers are never
             compressed, and its module names are what ``layers`` and ``checkpoint`` match.
+        compress: False only measures: every saved tensor is kept raw but counted, so the stats
+            show what an uncompressed forward saves, per module.
         **options: see :class:`~loract_lightning.options.CompressionOptions`.
+
+    Attributes:
+        track_error: when True, the relative error of every factorization is recorded in
+            ``stats.modules[name].errors`` (cheap: two norms per tensor).
     """
 
-    def __init__(self, model: nn.Module, **options: Any) -> None:
+    def __init__(self, model: nn.Module, compress: bool = True, **options: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
+        self.compress = compress
+        self.track_error = False
         self.options = CompressionOptions(**options)
         self.ranks = RankPolicy(self.options.rank, self.options.layers)
         self.ranks.check_against(model)
@@ -137,6 +145,8 @@ class ActivationCompressor:
             return tensor
         module_name = self._module_stack[-1] if self._module_stack else ""
         record = self._record(tensor, module_name)
+        if not self.compress:
+            return self._keep_raw(tensor, module_name, record, policy.MEASURE_ONLY)
         for region in record.regions:
             if region.covers(tensor):
                 stats.shared += 1
@@ -158,8 +168,11 @@ class ActivationCompressor:
                 return self._keep_raw(tensor, module_name, record, policy.NO_SAVING)
             region = self._factorize(tensor, matrix, rank)
             stats.compressed += 1
-            stats.module(module_name).compressed += 1
-            stats.module(module_name).ranks.add(rank)
+            module = stats.module(module_name)
+            module.compressed += 1
+            module.ranks.add(rank)
+            if self.track_error:
+                module.errors.append(projection_error(matrix, region.left))
         record.regions.append(region)
         stats.add_stored(module_name, region.nbytes)
         return PackedTensor.view_of(region, tensor)

@@ -152,6 +152,19 @@ def relative_error(matrix: Tensor, left: Tensor, right: Tensor) -> float:
     return float(torch.linalg.matrix_norm(work - left.float() @ right.float()) / norm)
 
 
+def projection_error(matrix: Tensor, left: Tensor) -> float:
+    """Relative error of ``A ~ L R`` from ``L`` alone, valid when ``R`` has orthonormal rows.
+
+    Every method here returns such an ``R`` (``Q^T`` or ``V_k^T``), so ``L R`` is the orthogonal
+    projection of A's rows and ``||A - L R||^2 = ||A||^2 - ||L||^2``: two norms, no rebuild.
+    """
+    total = float(matrix.float().square().sum())
+    if total == 0:
+        return 0.0
+    kept = float(left.float().square().sum())
+    return max(total - kept, 0.0) ** 0.5 / total**0.5
+
+
 METHODS: dict[str, Factorization] = {
     "sampled_qb": sampled_qb,
     "randomized_svd": randomized_svd,

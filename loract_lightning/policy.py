@@ -34,6 +34,7 @@ NON_FINITE = "non_finite"
 OUTSIDE_CHECKPOINT = "outside_checkpoint"
 IN_BACKWARD = "saved_in_backward"
 STORAGE_KEPT_RAW = "storage_kept_raw"
+MEASURE_ONLY = "measure_only"
 
 
 def check_rank(rank: RankSpec, what: str = "rank", allow_none: bool = False) -> None:

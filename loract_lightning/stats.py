@@ -14,6 +14,8 @@ class ModuleMemory:
     stored_bytes: int = 0
     compressed: int = 0
     ranks: set[int] = field(default_factory=set)
+    errors: list[float] = field(default_factory=list)
+    """Relative errors of this module's factorizations (only while error tracking is on)."""
 
     @property
     def ratio(self) -> float:
@@ -78,6 +80,7 @@ class CompressionStats:
             mine.stored_bytes += memory.stored_bytes
             mine.compressed += memory.compressed
             mine.ranks |= memory.ranks
+            mine.errors.extend(memory.errors)
         return self
 
     def __str__(self) -> str:

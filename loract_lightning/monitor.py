@@ -1,0 +1,186 @@
+"""ActivationMemoryMonitor: where activation memory goes, and what LoRAct saved."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from loract_lightning.context import ActivationCompressor
+from loract_lightning.report import MemoryReport
+from loract_lightning.step_capture import StepCapture
+
+
+class ActivationMemoryMonitor(Callback):
+    r"""Measure the activation memory of every training step, per module.
+
+    Alone, it counts what the training forward saves for backward (nothing is compressed), so you
+    see the possible saving before turning LoRAct on. Beside a :class:`~loract_lightning.LoRAct`
+    callback it reads LoRAct's numbers instead of hooking the model a second time.
+
+    **Logged metrics** (through ``trainer.loggers``, every ``log_every_n_steps``):
+
+    - ``memory/activations_saved_bytes``: bytes autograd saved in the step, before compression;
+    - ``memory/activations_stored_bytes``: bytes really held for them (equal to saved when alone);
+    - ``memory/peak_bytes``: CUDA: peak allocated during the step; CPU: the process's peak
+      resident memory during the step (reset every step where Linux allows, else since start);
+    - ``memory/reconstruction_error_mean`` and ``_max``: every ``error_every_n_steps``, the
+      relative error of the step's compressed tensors (only beside LoRAct).
+
+    Under DDP, bytes are averaged over ranks and peaks take the maximum; the report is written
+    once, by rank zero.
+
+    **Report** at the end of fit, on rank zero: a table of the ``top_k`` modules by saved bytes
+    (saved, stored, ratio, ranks, reconstruction error), and ``activation_memory.csv``,
+    ``activation_memory.json`` and ``activation_memory.png`` (per-module saved vs stored bars,
+    peak memory over the steps) in ``output_dir``, else the first logger's ``log_dir``, else the
+    trainer's ``default_root_dir``.
+
+    Args:
+        top_k: modules shown in the table and chart.
+        error_every_n_steps: measure reconstruction errors every this many steps (0: never).
+        output_dir: where the report files go (see above for the default).
+
+    Example::
+
+        from lightning import Trainer
+        from loract_lightning import ActivationMemoryMonitor, LoRAct
+
+        Trainer(callbacks=[ActivationMemoryMonitor()])                                  # what could be saved
+        Trainer(callbacks=[LoRAct(rank=0.125), ActivationMemoryMonitor(error_every_n_steps=50)])
+    """
+
+    def __init__(self, top_k: int = 15, error_every_n_steps: int = 0, output_dir: str | None = None) -> None:
+        for name, value, minimum in (("top_k", top_k, 1), ("error_every_n_steps", error_every_n_steps, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        self.top_k = top_k
+        self.error_every_n_steps = error_every_n_steps
+        self.output_dir = output_dir
+        self.report = MemoryReport()
+        self.report_files: list[Path] = []
+        self._loract: Any = None
+        self._own_capture: StepCapture | None = None
+
+    def _step_stats(self):
+        return (self._loract or self._own_capture).step_stats
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from loract_lightning.callback import LoRAct
+
+        self.report = MemoryReport()
+        self._loract = next((c for c in trainer.callbacks if isinstance(c, LoRAct)), None)
+        if self._loract is None:
+            self._own_capture = StepCapture(ActivationCompressor(pl_module, compress=False))
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            _reset_resident_peak()
+        if self._loract is not None:
+            every = self.error_every_n_steps
+            self._loract.compressor.track_error = bool(every) and trainer.global_step % every == 0
+        else:
+            self._own_capture.start_step()
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        if self._own_capture:
+            self._own_capture.pause()
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._own_capture:
+            self._own_capture.resume()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._own_capture:
+            self._own_capture.end_step()
+        stats = self._step_stats()
+        self.report.add_step(stats)
+        if not trainer._logger_connector.should_update_logs:
+            return
+        # Every rank reaches this line at the same steps, so the collectives below line up.
+        device = trainer.strategy.root_device
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _resident_peak()
+        saved, stored = (
+            float(trainer.strategy.reduce(torch.tensor(float(value), device=device), reduce_op="mean"))
+            for value in (stats.saved_bytes, stats.stored_bytes)
+        )
+        peak = float(trainer.strategy.reduce(torch.tensor(float(peak), device=device), reduce_op="max"))
+        self.report.add_peak(trainer.global_step, peak)
+        metrics = {
+            "memory/activations_saved_bytes": saved,
+            "memory/activations_stored_bytes": stored,
+            "memory/peak_bytes": peak,
+        }
+        errors = [error for module in stats.modules.values() for error in module.errors]
+        if errors:
+            metrics["memory/reconstruction_error_mean"] = sum(errors) / len(errors)
+            metrics["memory/reconstruction_error_max"] = max(errors)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+        self.report.reduce_across_ranks(trainer.strategy, [name for name, _ in pl_module.named_modules()])
+        if trainer.is_global_zero:
+            self.report.print_table(self.top_k)
+            self.report_files = self.report.write(self._output_dir(trainer), self.top_k)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._own_capture:
+            self._own_capture.close()
+        if self._loract is not None and self._loract.compressor is not None:
+            self._loract.compressor.track_error = False
+
+    def _output_dir(self, trainer: pl.Trainer) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        log_dir = trainer.loggers[0].log_dir if trainer.loggers else None
+        return Path(log_dir or trainer.default_root_dir)
+
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _reset_resident_peak() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) so the next reading covers one step (Linux)."""
+    with contextlib.suppress(OSError):  # elsewhere the peak is the process's peak since start
+        _CLEAR_REFS.write_text("5")
+
+
+def _resident_peak() -> int:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

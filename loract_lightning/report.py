@@ -1,0 +1,181 @@
+"""Per-module activation memory over a fit: accumulate, combine across ranks, print and write."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loract_lightning.stats import CompressionStats
+
+COLUMNS = ("module", "saved_bytes", "stored_bytes", "ratio", "ranks", "error_mean", "error_max")
+
+
+@dataclass
+class _ModuleTotals:
+    saved_bytes: float = 0.0
+    stored_bytes: float = 0.0
+    ranks: set[int] = field(default_factory=set)
+    error_sum: float = 0.0
+    error_count: int = 0
+    error_max: float = 0.0
+
+
+@dataclass
+class MemoryReport:
+    """Module totals over the observed training steps and the peak memory at each logged step."""
+
+    steps: int = 0
+    modules: dict[str, _ModuleTotals] = field(default_factory=dict)
+    peaks: list[tuple[int, float]] = field(default_factory=list)
+
+    def add_step(self, stats: CompressionStats) -> None:
+        self.steps += 1
+        for name, memory in stats.modules.items():
+            totals = self.modules.setdefault(name, _ModuleTotals())
+            totals.saved_bytes += memory.saved_bytes
+            totals.stored_bytes += memory.stored_bytes
+            totals.ranks |= memory.ranks
+            totals.error_sum += sum(memory.errors)
+            totals.error_count += len(memory.errors)
+            totals.error_max = max([totals.error_max, *memory.errors])
+
+    def add_peak(self, step: int, peak_bytes: float) -> None:
+        self.peaks.append((step, peak_bytes))
+
+    def reduce_across_ranks(self, strategy, names: list[str]) -> None:
+        """Average bytes over ranks and take the largest error; ``names`` must be the same on every rank."""
+        if strategy.world_size <= 1:
+            return
+        device = strategy.root_device
+        totals = [self.modules.get(name, _ModuleTotals()) for name in names]
+        summed = torch.tensor(
+            [[t.saved_bytes, t.stored_bytes, t.error_sum, t.error_count] for t in totals],
+            dtype=torch.float64,
+            device=device,
+        )
+        summed = strategy.reduce(summed, reduce_op="sum")
+        largest = strategy.reduce(torch.tensor([t.error_max for t in totals], device=device), reduce_op="max")
+        world = strategy.world_size
+        for name, total, row, error_max in zip(names, totals, summed.tolist(), largest.tolist(), strict=True):
+            if row[0] == 0 and name not in self.modules:
+                continue
+            total.saved_bytes, total.stored_bytes = row[0] / world, row[1] / world
+            total.error_sum, total.error_count, total.error_max = row[2], int(row[3]), error_max
+            self.modules[name] = total
+
+    def rows(self) -> list[dict]:
+        """One row per module, bytes per training step, largest saved first."""
+        steps = max(self.steps, 1)
+        rows = []
+        for name, totals in self.modules.items():
+            saved, stored = totals.saved_bytes / steps, totals.stored_bytes / steps
+            count = totals.error_count
+            rows.append(
+                {
+                    "module": name or "(root)",
+                    "saved_bytes": saved,
+                    "stored_bytes": stored,
+                    "ratio": stored / saved if saved else 1.0,
+                    "ranks": " ".join(map(str, sorted(totals.ranks))),
+                    "error_mean": totals.error_sum / count if count else None,
+                    "error_max": totals.error_max if count else None,
+                }
+            )
+        return sorted(rows, key=lambda row: -row["saved_bytes"])
+
+    def print_table(self, top_k: int) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        rows = self.rows()
+        table = Table(title=f"Activation memory per training step (top {min(top_k, len(rows))} of {len(rows)} modules)")
+        for column in ("module", "saved", "stored", "ratio", "rank", "error mean", "error max"):
+            table.add_column(column, justify="left" if column == "module" else "right")
+        for row in rows[:top_k]:
+            table.add_row(
+                row["module"],
+                format_bytes(row["saved_bytes"]),
+                format_bytes(row["stored_bytes"]),
+                f"{row['ratio']:.3f}",
+                row["ranks"] or "-",
+                _format_error(row["error_mean"]),
+                _format_error(row["error_max"]),
+            )
+        saved = sum(row["saved_bytes"] for row in rows)
+        stored = sum(row["stored_bytes"] for row in rows)
+        table.add_section()
+        table.add_row("total", format_bytes(saved), format_bytes(stored), f"{stored / saved if saved else 1:.3f}")
+        Console().print(table)
+
+    def write(self, directory: Path, top_k: int) -> list[Path]:
+        """Write ``activation_memory.{csv,json,png}`` into ``directory``; returns their paths."""
+        directory.mkdir(parents=True, exist_ok=True)
+        rows = self.rows()
+        csv_path = directory / "activation_memory.csv"
+        with csv_path.open("w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        json_path = directory / "activation_memory.json"
+        json_path.write_text(json.dumps({"steps": self.steps, "modules": rows, "peaks": self.peaks}, indent=2))
+        png_path = directory / "activation_memory.png"
+        self._chart(rows[:top_k], png_path)
+        return [csv_path, json_path, png_path]
+
+    def _chart(self, rows: list[dict], path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, (bars, peaks) = plt.subplots(
+            1, 2, figsize=(14, max(4.5, 0.38 * len(rows) + 1.5)), gridspec_kw={"width_ratios": [3, 2]}
+        )
+        unit, scale = _unit(max((row["saved_bytes"] for row in rows), default=1))
+        labels = [_shorten(row["module"]) for row in rows][::-1]
+        positions = range(len(rows))
+        height = 0.4
+        bars.barh([p + height / 2 for p in positions], [r["saved_bytes"] / scale for r in rows][::-1], height,
+                  label="saved (uncompressed)", color="#9aa5b1")  # fmt: skip
+        bars.barh([p - height / 2 for p in positions], [r["stored_bytes"] / scale for r in rows][::-1], height,
+                  label="stored", color="#2b7bba")  # fmt: skip
+        bars.set_yticks(list(positions), labels, fontsize=8)
+        bars.set_xlabel(f"activation memory per step ({unit})")
+        bars.set_title("Top modules: saved vs stored")
+        bars.legend(loc="lower right")
+        if self.peaks:
+            peak_unit, peak_scale = _unit(max(peak for _, peak in self.peaks))
+            peaks.plot([s for s, _ in self.peaks], [p / peak_scale for _, p in self.peaks], marker="o", markersize=3)
+            peaks.set_ylabel(f"peak memory ({peak_unit})")
+            peaks.set_ylim(bottom=0)
+        else:
+            peaks.text(0.5, 0.5, "no logged steps", ha="center", va="center", transform=peaks.transAxes)
+        peaks.set_xlabel("training step")
+        peaks.set_title("Peak memory per logged step")
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+
+
+def format_bytes(value: float) -> str:
+    unit, scale = _unit(value)
+    return f"{value / scale:.1f} {unit}"
+
+
+def _unit(value: float) -> tuple[str, float]:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= scale:
+            return unit, scale
+    return "B", 1
+
+
+def _format_error(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _shorten(name: str, width: int = 48) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
