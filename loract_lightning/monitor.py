@@ -74,7 +74,8 @@ class ActivationMemoryMonitor(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from loract_lightning.callback import LoRAct
 
-        self.report = MemoryReport()
+        kind = "CUDA peak allocated" if trainer.strategy.root_device.type == "cuda" else "peak resident memory"
+        self.report = MemoryReport(peak_label=kind)
         self._loract = next((c for c in trainer.callbacks if isinstance(c, LoRAct)), None)
         if self._loract is None:
             self._own_capture = StepCapture(ActivationCompressor(pl_module, compress=False))
@@ -111,18 +112,17 @@ class ActivationMemoryMonitor(Callback):
         if self._own_capture:
             self._own_capture.end_step()
         stats = self._step_stats()
-        self.report.add_step(stats)
+        device = trainer.strategy.root_device
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _resident_peak()
+        self.report.add_step(stats, trainer.global_step, peak)
         if not trainer._logger_connector.should_update_logs:
             return
         # Every rank reaches this line at the same steps, so the collectives below line up.
-        device = trainer.strategy.root_device
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _resident_peak()
         saved, stored = (
             float(trainer.strategy.reduce(torch.tensor(float(value), device=device), reduce_op="mean"))
             for value in (stats.saved_bytes, stats.stored_bytes)
         )
         peak = float(trainer.strategy.reduce(torch.tensor(float(peak), device=device), reduce_op="max"))
-        self.report.add_peak(trainer.global_step, peak)
         metrics = {
             "memory/activations_saved_bytes": saved,
             "memory/activations_stored_bytes": stored,

@@ -28,12 +28,14 @@ class _ModuleTotals:
 class MemoryReport:
     """Module totals over the observed training steps and the peak memory at each logged step."""
 
+    peak_label: str = "peak memory"
     steps: int = 0
     modules: dict[str, _ModuleTotals] = field(default_factory=dict)
     peaks: list[tuple[int, float]] = field(default_factory=list)
 
-    def add_step(self, stats: CompressionStats) -> None:
+    def add_step(self, stats: CompressionStats, step: int, peak_bytes: float) -> None:
         self.steps += 1
+        self.peaks.append((step, peak_bytes))
         for name, memory in stats.modules.items():
             totals = self.modules.setdefault(name, _ModuleTotals())
             totals.saved_bytes += memory.saved_bytes
@@ -43,14 +45,14 @@ class MemoryReport:
             totals.error_count += len(memory.errors)
             totals.error_max = max([totals.error_max, *memory.errors])
 
-    def add_peak(self, step: int, peak_bytes: float) -> None:
-        self.peaks.append((step, peak_bytes))
-
     def reduce_across_ranks(self, strategy, names: list[str]) -> None:
-        """Average bytes over ranks and take the largest error; ``names`` must be the same on every rank."""
+        """Average bytes over ranks, take the largest error and peak; ``names`` must match on every rank."""
         if strategy.world_size <= 1:
             return
         device = strategy.root_device
+        peaks = torch.tensor([peak for _, peak in self.peaks], dtype=torch.float64, device=device)
+        peaks = strategy.reduce(peaks, reduce_op="max").tolist()
+        self.peaks = [(step, peak) for (step, _), peak in zip(self.peaks, peaks, strict=True)]
         totals = [self.modules.get(name, _ModuleTotals()) for name in names]
         summed = torch.tensor(
             [[t.saved_bytes, t.stored_bytes, t.error_sum, t.error_count] for t in totals],
@@ -150,12 +152,12 @@ class MemoryReport:
         if self.peaks:
             peak_unit, peak_scale = _unit(max(peak for _, peak in self.peaks))
             peaks.plot([s for s, _ in self.peaks], [p / peak_scale for _, p in self.peaks], marker="o", markersize=3)
-            peaks.set_ylabel(f"peak memory ({peak_unit})")
+            peaks.set_ylabel(f"{self.peak_label} ({peak_unit})")
             peaks.set_ylim(bottom=0)
         else:
-            peaks.text(0.5, 0.5, "no logged steps", ha="center", va="center", transform=peaks.transAxes)
+            peaks.text(0.5, 0.5, "no training steps", ha="center", va="center", transform=peaks.transAxes)
         peaks.set_xlabel("training step")
-        peaks.set_title("Peak memory per logged step")
+        peaks.set_title("Peak memory per training step")
         figure.tight_layout()
         figure.savefig(path, dpi=110)
         plt.close(figure)

@@ -223,6 +223,10 @@ def test_ddp_two_processes(tmp_path):
         assert result["compressed"] > 0 and 0 < result["ratio"] < 1
         assert result["train_hooks"] and not result["hooks_left"]
     assert results[0]["parameters"] == pytest.approx(results[1]["parameters"])
+    # The monitor combines the ranks' figures and only rank zero writes the report.
+    assert results[0]["report_files"] == 3 and results[1]["report_files"] == 0
+    assert results[0]["report_saved_bytes"] == pytest.approx(results[1]["report_saved_bytes"])
+    assert len(list((tmp_path / "report").iterdir())) == 3
 
 
 class PlainKnownRankModule(pl.LightningModule):
