@@ -34,7 +34,7 @@ def test_alone_it_reports_the_uncompressed_bytes_the_engine_counts(tmp_path):
     pl.seed_everything(0, verbose=False)
     module = KnownRankModule()
     with ActivationCompressor(module, compress=False).capture() as stats:
-        module.training_step((KnownRankNet.make_input(),), 0)
+        module.net(KnownRankNet.make_input())
     assert stats.saved_bytes > 0 and stats.stored_bytes == stats.saved_bytes
     assert per_step_total(monitor, "saved_bytes") == pytest.approx(stats.saved_bytes)
     assert per_step_total(monitor, "stored_bytes") == pytest.approx(stats.saved_bytes)
