@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 from conftest import KnownRankNet
@@ -59,3 +62,34 @@ class KnownRankModule(pl.LightningModule):
 def known_rank_loader(batches: int = 4, batch_size: int = 4) -> DataLoader:
     inputs = torch.cat([KnownRankNet.make_input(batch=batch_size, seed=i) for i in range(batches)])
     return DataLoader(TensorDataset(inputs), batch_size=batch_size)
+
+
+def trainer(tmp_path: Path, callbacks=(), **options) -> pl.Trainer:
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+    }
+    return pl.Trainer(callbacks=list(callbacks), **{**defaults, **options})
+
+
+def fit(tmp_path: Path, callbacks=(), module_options=None, **trainer_options) -> KnownRankModule:
+    pl.seed_everything(0, verbose=False)
+    module = KnownRankModule(**(module_options or {}))
+    trainer(tmp_path, callbacks, **trainer_options).fit(module, known_rank_loader(), known_rank_loader(batches=1))
+    return module
+
+
+def parameters_of(module: pl.LightningModule) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def logged_rows(logger, key: str) -> list[dict]:
+    """Rows of a CSVLogger's metrics file that hold ``key``."""
+    with open(Path(logger.log_dir) / "metrics.csv") as metrics_file:
+        return [row for row in csv.DictReader(metrics_file) if row.get(key)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -15,37 +14,20 @@ import torch
 from conftest import KNOWN_MAX_RANK, KnownRankNet
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lit_models import KnownRankModule, known_rank_loader, saved_tensor_hooks_installed
+from lit_models import (
+    KnownRankModule,
+    fit,
+    known_rank_loader,
+    logged_rows,
+    parameters_of,
+    saved_tensor_hooks_installed,
+    trainer,
+)
 
 from loract_lightning import LoRAct
 
 LOSSLESS_RANK = KNOWN_MAX_RANK + 12
 MODES = {"default": {}, "layer": {"checkpoint": ["KnownRankBlock"]}}
-
-
-def trainer(tmp_path: Path, callbacks=(), **options) -> pl.Trainer:
-    defaults = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_epochs": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-    }
-    return pl.Trainer(callbacks=list(callbacks), **{**defaults, **options})
-
-
-def fit(tmp_path: Path, callbacks=(), module_options=None, **trainer_options) -> KnownRankModule:
-    pl.seed_everything(0, verbose=False)
-    module = KnownRankModule(**(module_options or {}))
-    trainer(tmp_path, callbacks, **trainer_options).fit(module, known_rank_loader(), known_rank_loader(batches=1))
-    return module
-
-
-def parameters_of(module: pl.LightningModule) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
 def structure_of(module: torch.nn.Module) -> list:
@@ -113,8 +95,7 @@ def test_model_is_restored_after_fit_and_after_a_failing_step(tmp_path):
 def test_metrics_reach_the_csv_logger(tmp_path):
     logger = CSVLogger(tmp_path, name="run")
     fit(tmp_path, [LoRAct(rank=8, min_bytes=0)], logger=logger, log_every_n_steps=1)
-    with open(Path(logger.log_dir) / "metrics.csv") as metrics_file:
-        rows = [row for row in csv.DictReader(metrics_file) if row.get("loract/ratio")]
+    rows = logged_rows(logger, "loract/ratio")
     assert len(rows) == 4
     for row in rows:
         assert 0 < float(row["loract/ratio"]) <= 1
@@ -125,8 +106,7 @@ def test_metrics_reach_the_csv_logger(tmp_path):
 def test_log_every_n_steps_is_respected(tmp_path):
     logger = CSVLogger(tmp_path, name="run")
     fit(tmp_path, [LoRAct(rank=8, min_bytes=0)], logger=logger, log_every_n_steps=2)
-    with open(Path(logger.log_dir) / "metrics.csv") as metrics_file:
-        rows = [row for row in csv.DictReader(metrics_file) if row.get("loract/ratio")]
+    rows = logged_rows(logger, "loract/ratio")
     assert len(rows) == 2
 
 
@@ -207,8 +187,7 @@ def test_a_real_model_trains_at_rank_one_eighth(tmp_path):
     logger = CSVLogger(tmp_path, name="llama")
     callback = LoRAct(rank=0.125, min_bytes=1 << 16)
     trainer(tmp_path, [callback], max_epochs=15, logger=logger, log_every_n_steps=1).fit(TinyLlama(), loader)
-    with open(Path(logger.log_dir) / "metrics.csv") as metrics_file:
-        losses = [float(row["train_loss"]) for row in csv.DictReader(metrics_file) if row.get("train_loss")]
+    losses = [float(row["train_loss"]) for row in logged_rows(logger, "train_loss")]
     assert callback.step_stats.compressed > 0 and callback.step_stats.ratio < 0.5
     assert losses[-1] < 0.7 * losses[0]
 

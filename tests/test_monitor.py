@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -11,15 +10,9 @@ import pytest
 import torch
 from conftest import KnownRankNet
 from lightning.pytorch.loggers import CSVLogger
-from lit_models import KnownRankModule
-from test_callback import fit
+from lit_models import KnownRankModule, fit, logged_rows
 
 from loract_lightning import ActivationCompressor, ActivationMemoryMonitor, LoRAct
-
-
-def logged_rows(logger: CSVLogger, key: str) -> list[dict]:
-    with open(Path(logger.log_dir) / "metrics.csv") as metrics_file:
-        return [row for row in csv.DictReader(metrics_file) if row.get(key)]
 
 
 def per_step_total(monitor: ActivationMemoryMonitor, column: str) -> float:
