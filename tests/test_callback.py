@@ -138,10 +138,11 @@ def test_resume_restores_config_and_warns_on_differences(tmp_path):
         )
 
 
-def test_bf16_mixed_precision_keeps_factors_in_bf16(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_fit_matches_the_uncompressed_one(tmp_path, precision):
     callback = LoRAct(rank=LOSSLESS_RANK, min_bytes=0)
-    expected = parameters_of(fit(tmp_path, precision="bf16-mixed"))
-    module = fit(tmp_path, [callback], precision="bf16-mixed")
+    expected = parameters_of(fit(tmp_path, precision=precision))
+    module = fit(tmp_path, [callback], precision=precision)
     assert callback.step_stats.compressed > 0
     torch.testing.assert_close(parameters_of(module), expected, rtol=2e-2, atol=1e-3)
 
