@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--per-model", type=int, default=3, help="distinct activations per model")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/factorization.json"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "factorization.json")
     args = parser.parse_args()
 
     rows = []

@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/monitor"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "monitor")
     args = parser.parse_args()
     silence_known_warnings()
     times: dict[bool, list[float]] = {False: [], True: []}

@@ -74,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/training_step.json"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "training_step.json")
     args = parser.parse_args()
     rows = []
     print("| model | setting | activation MiB | memory ratio | step s | time ratio |")
