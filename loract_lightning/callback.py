@@ -104,7 +104,7 @@ class LoRAct(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.compressor = ActivationCompressor(pl_module, **self.options.to_dict())
-        self._capture = StepCapture(self.compressor)
+        self._capture = StepCapture(self.compressor, several_forwards=not pl_module.automatic_optimization)
         if self._restored_state is not None:
             self._apply_restored_state(self._restored_state)
             self._restored_state = None

@@ -78,7 +78,8 @@ class ActivationMemoryMonitor(Callback):
         self.report = MemoryReport(peak_label=kind)
         self._loract = next((c for c in trainer.callbacks if isinstance(c, LoRAct)), None)
         if self._loract is None:
-            self._own_capture = StepCapture(ActivationCompressor(pl_module, compress=False))
+            compressor = ActivationCompressor(pl_module, compress=False)
+            self._own_capture = StepCapture(compressor, several_forwards=not pl_module.automatic_optimization)
 
     @override
     def on_train_batch_start(

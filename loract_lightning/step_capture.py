@@ -6,7 +6,8 @@ callbacks drive one :class:`StepCapture` from their hooks:
 
     start_step()   at the start of a training batch      -> installed
     pause()        before each backward                  -> removed
-    resume()       after each backward of the same batch -> installed again
+    resume()       after each backward of the same batch -> installed again (only when
+                   ``several_forwards``: manual optimization; otherwise no forward follows)
     end_step()     at the end of the batch               -> removed
     close()        on exception, fit end and teardown    -> removed, whatever the state
 """
@@ -22,8 +23,9 @@ from loract_lightning.stats import CompressionStats
 class StepCapture:
     """Installs ``compressor.capture()`` around each forward of a step and sums their stats."""
 
-    def __init__(self, compressor: ActivationCompressor) -> None:
+    def __init__(self, compressor: ActivationCompressor, several_forwards: bool = True) -> None:
         self.compressor = compressor
+        self.several_forwards = several_forwards
         self.step_stats = CompressionStats()
         """Stats of the current (or last finished) step, summed over its forwards."""
         self._installed: ExitStack | None = None
@@ -44,7 +46,7 @@ class StepCapture:
         self._remove()
 
     def resume(self) -> None:
-        if self._in_step:
+        if self._in_step and self.several_forwards:
             self._install()
 
     def end_step(self) -> None:
