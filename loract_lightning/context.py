@@ -140,6 +140,10 @@ class ActivationCompressor:
             # Saved during backward (a recompute): it lives only until backward ends.
             stats.kept[policy.IN_BACKWARD] += 1
             return tensor
+        if type(tensor) is not torch.Tensor or tensor.layout != torch.strided:
+            # Parameter objects, tensor subclasses (DTensor, ...) and sparse tensors: no plain storage to read.
+            stats.kept[policy.PARAMETER if isinstance(tensor, nn.Parameter) else policy.UNSUPPORTED] += 1
+            return tensor
         if tensor in self._parameters:
             stats.kept[policy.PARAMETER] += 1
             return tensor

@@ -23,7 +23,7 @@ RankSpec = int | float | None
 # Reasons for keeping a saved tensor raw, as they appear in ``CompressionStats.kept``.
 PARAMETER = "parameter"
 NOT_FLOATING = "not_floating"
-SUBCLASS = "tensor_subclass"
+UNSUPPORTED = "unsupported_tensor"  # a tensor subclass or a sparse layout
 SMALL = "below_min_bytes"
 NOT_MATRIX = "not_a_matrix"
 OVERLAPPING = "overlapping_view"
@@ -181,10 +181,8 @@ class ParameterIndex:
 
 
 def structural_reason(tensor: Tensor, min_bytes: int) -> str | None:
-    """Why ``tensor`` must stay raw, judged from its metadata alone (no data is read)."""
-    if type(tensor) is not torch.Tensor:
-        return SUBCLASS
-    if not tensor.is_floating_point() or tensor.layout != torch.strided:
+    """Why a plain strided ``tensor`` must stay raw, judged from its metadata alone (no data is read)."""
+    if not tensor.is_floating_point():
         return NOT_FLOATING
     if tensor.ndim < 2:
         return NOT_MATRIX

@@ -317,3 +317,21 @@ def test_layer_mode_reuses_existing_checkpoint_wrappers(known_rank_net):
     assert compressed == ["blocks.0", "blocks.1"] and stats.compressed == 2
     actual = torch.cat([p.grad.flatten() for p in known_rank_net.parameters()])
     assert_gradients_close(actual, expected)
+
+
+def test_sparse_saved_tensors_are_kept_raw():
+    class SparseProduct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(64, 32))
+
+        def forward(self, sparse):
+            return torch.sparse.mm(sparse, self.weight).sum()  # saves the sparse operand
+
+    model = SparseProduct().train()
+    sparse = (torch.rand(256, 64) < 0.1).float().to_sparse()
+    with compress_activations(model, rank=4, min_bytes=0) as stats:
+        loss = model(sparse)
+    loss.backward()
+    assert stats.kept["unsupported_tensor"] >= 1
+    torch.testing.assert_close(model.weight.grad, sparse.to_dense().sum(0, keepdim=True).T.expand(64, 32))
