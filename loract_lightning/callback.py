@@ -51,6 +51,8 @@ class LoRAct(Callback):
         seed: seed of the compressor's own random generator.
         power_iters: power iterations of the randomized methods (None: the method's default).
         oversample: extra sketch columns of the randomized methods (None: the method's default).
+        keep_row_norms: rebuild each row (token) with its original norm; None (default): in layer
+            mode only. False everywhere gives the paper's plain projection.
 
     Example::
 
@@ -74,6 +76,7 @@ class LoRAct(Callback):
         seed: int = 0,
         power_iters: int | None = None,
         oversample: int | None = None,
+        keep_row_norms: bool | None = None,
     ) -> None:
         self.options = CompressionOptions(
             rank=rank,
@@ -84,6 +87,7 @@ class LoRAct(Callback):
             seed=seed,
             power_iters=power_iters,
             oversample=oversample,
+            keep_row_norms=keep_row_norms,
         )
         self.compressor: ActivationCompressor | None = None
         self._capture: StepCapture | None = None

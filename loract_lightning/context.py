@@ -24,7 +24,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from loract_lightning import policy
 from loract_lightning.checkpointing import checkpointed, select_modules
-from loract_lightning.linalg import METHODS, RANDOMIZED, projection_error
+from loract_lightning.linalg import METHODS, RANDOMIZED, keep_row_norms, relative_error
 from loract_lightning.options import CompressionOptions
 from loract_lightning.packed import LowRankFactors, PackedTensor, StoredRegion, TwoValuedMask
 from loract_lightning.policy import ParameterIndex, RankPolicy, RankSpec
@@ -55,7 +55,7 @@ class ActivationCompressor:
 
     Attributes:
         track_error: when True, the relative error of every factorization is recorded in
-            ``stats.modules[name].errors`` (cheap: two norms per tensor).
+            ``stats.modules[name].errors`` (costs one extra rebuild per tensor).
     """
 
     def __init__(self, model: nn.Module, compress: bool = True, **options: Any) -> None:
@@ -70,6 +70,8 @@ class ActivationCompressor:
         self._modules_to_wrap, existing = select_modules(model, self.options.checkpoint)
         self.checkpointed_modules = {**self._modules_to_wrap, **existing}
         """Layer mode: the modules whose saved inputs are compressed (by qualified name)."""
+        keep = self.options.keep_row_norms
+        self.keep_row_norms = self.layer_mode if keep is None else keep
         self._method_options = {
             key: value
             for key, value in (("power_iters", self.options.power_iters), ("oversample", self.options.oversample))
@@ -176,7 +178,7 @@ class ActivationCompressor:
             module.compressed += 1
             module.ranks.add(rank)
             if self.track_error:
-                module.errors.append(projection_error(matrix, region.left))
+                module.errors.append(relative_error(matrix, region.left, region.right))
         record.regions.append(region)
         stats.add_stored(module_name, region.nbytes)
         return PackedTensor.view_of(region, tensor)
@@ -229,6 +231,8 @@ class ActivationCompressor:
         # The hook may run under autocast; the factors must keep the activation's own dtype.
         with torch.no_grad(), torch.autocast(tensor.device.type, enabled=False):
             left, right = factorize(matrix, rank, **options)
+            if self.keep_row_norms:
+                left = keep_row_norms(matrix, left, right)
         self._stats.compress_seconds += time.perf_counter() - start
         return LowRankFactors(**StoredRegion.layout_of(tensor), left=left, right=right)
 

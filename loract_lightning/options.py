@@ -28,6 +28,11 @@ class CompressionOptions:
             0 for sampled_qb, 2 for randomized_svd).
         oversample: extra sketch columns of the randomized methods (None: the method's default,
             0 for sampled_qb, 10 for randomized_svd).
+        keep_row_norms: rescale each rebuilt row (token) to its original norm, at no memory
+            cost (see :func:`loract_lightning.linalg.keep_row_norms`); False gives the paper's
+            plain projection ``A Q Q^T``. None (default): on in layer mode, where it cut the
+            gradient error on pretrained MiniLM from 2.04 to 0.54, off in default mode, where on
+            attention internals it made the error worse (0.28 to 2.04).
     """
 
     rank: int | float = 0.125
@@ -38,6 +43,7 @@ class CompressionOptions:
     seed: int = 0
     power_iters: int | None = None
     oversample: int | None = None
+    keep_row_norms: bool | None = None
 
     def __post_init__(self) -> None:
         RankPolicy(self.rank, self.layers or {})  # validates rank and every layers entry
@@ -49,6 +55,8 @@ class CompressionOptions:
             value = getattr(self, name)
             if value is not None:
                 _check_count(name, value, "None or ")
+        if self.keep_row_norms is not None and not isinstance(self.keep_row_norms, bool):
+            raise TypeError(f"keep_row_norms must be None, True or False, got {self.keep_row_norms!r}")
         if isinstance(self.checkpoint, str) or not all(isinstance(c, str) for c in self.checkpoint or ()):
             raise TypeError(
                 f"checkpoint must be a list of module class names or glob patterns, got {self.checkpoint!r}"

@@ -282,6 +282,7 @@ def test_layers_override_ranks_and_none_disables(known_rank_net):
         ({"checkpoint": ["NoSuchBlock"]}, ValueError, r"\['NoSuchBlock'\] match no module.*KnownRankBlock"),
         ({"checkpoint": "KnownRankBlock"}, TypeError, "checkpoint must be a list"),
         ({"power_iters": -1}, ValueError, "power_iters must be None or an int >= 0, got -1"),
+        ({"keep_row_norms": "yes"}, TypeError, "keep_row_norms must be None, True or False, got 'yes'"),
     ],
 )
 def test_bad_options_name_the_value_and_what_is_allowed(known_rank_net, options, error, message):
@@ -335,3 +336,18 @@ def test_sparse_saved_tensors_are_kept_raw():
     loss.backward()
     assert stats.kept["unsupported_tensor"] >= 1
     torch.testing.assert_close(model.weight.grad, sparse.to_dense().sum(0, keepdim=True).T.expand(64, 32))
+
+
+def test_row_norms_are_kept_by_default_in_layer_mode_only(known_rank_net):
+    assert ActivationCompressor(known_rank_net, checkpoint=["KnownRankBlock"]).keep_row_norms
+    assert not ActivationCompressor(known_rank_net).keep_row_norms
+    assert ActivationCompressor(known_rank_net, keep_row_norms=True).keep_row_norms
+    compressor = ActivationCompressor(known_rank_net, rank=4, min_bytes=0, checkpoint=["KnownRankBlock"])
+    calls = spy_on_pack(compressor)
+    with compressor.capture():
+        known_rank_net(KnownRankNet.make_input()).backward()
+    for call in calls:
+        if isinstance(call["packed"], PackedTensor) and isinstance(call["packed"].region, LowRankFactors):
+            rebuilt = call["packed"].unpack().reshape(-1, 128)
+            original = call["tensor"].reshape(-1, 128)
+            torch.testing.assert_close(rebuilt.norm(dim=1), original.norm(dim=1), rtol=1e-4, atol=1e-5)

@@ -105,3 +105,22 @@ def test_bad_input_is_rejected(matrix, rank, error):
     for function in (sampled_qb, randomized_svd, truncated_svd):
         with pytest.raises(error, match="rank|matrix"):
             function(matrix, rank)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("shape", [(300, 96), (64, 300)], ids=["tall", "wide"])
+def test_keep_row_norms_rebuilds_rows_with_their_norms(method, shape):
+    from loract_lightning.linalg import keep_row_norms
+
+    matrix = decaying_matrix(*shape) + 0.5
+    left, right = factorize(method, matrix, 12)
+    rescaled = keep_row_norms(matrix, left, right)
+    torch.testing.assert_close((rescaled @ right).norm(dim=1), matrix.norm(dim=1), rtol=1e-4, atol=1e-6)
+
+
+def test_keep_row_norms_leaves_exact_factors_exact():
+    from loract_lightning.linalg import keep_row_norms
+
+    matrix = low_rank_matrix(200, 64, rank=5)
+    left, right = sampled_qb(matrix, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(keep_row_norms(matrix, left, right) @ right, matrix, rtol=1e-4, atol=1e-4)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
-import torch
 from conftest import KnownRankNet
 from lightning.pytorch.loggers import CSVLogger
 from lit_models import KnownRankModule, fit, logged_rows
@@ -86,12 +85,3 @@ def test_without_a_logger_it_prints_and_writes_to_the_given_dir(tmp_path, capsys
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
         ActivationMemoryMonitor(**options)
-
-
-def test_projection_error_matches_the_rebuilt_error():
-    from loract_lightning.linalg import METHODS, projection_error, relative_error
-
-    matrix = torch.randn(300, 40) @ torch.randn(40, 96) + 0.1 * torch.randn(300, 96)
-    for name, method in METHODS.items():
-        left, right = method(matrix, 16) if name == "truncated_svd" else method(matrix, 16, generator=None)
-        assert projection_error(matrix, left) == pytest.approx(relative_error(matrix, left, right), rel=1e-3)
