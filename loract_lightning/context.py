@@ -78,6 +78,7 @@ class ActivationCompressor:
             if value is not None
         }
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._module_stack: list[str] = []
         self._records: dict[tuple[torch.device, int], _StorageRecord] = {}
         self._parameters: ParameterIndex | None = None
@@ -172,13 +173,11 @@ class ActivationCompressor:
             rank = policy.resolve_rank(rank_spec, num_rows, num_cols)
             if not policy.keeps_memory(rank, num_rows, num_cols):
                 return self._keep_raw(tensor, module_name, record, policy.NO_SAVING)
-            region = self._factorize(tensor, matrix, rank)
+            region = self._factorize(tensor, matrix, rank, module_name)
             stats.compressed += 1
             module = stats.module(module_name)
             module.compressed += 1
             module.ranks.add(rank)
-            if self.track_error:
-                module.errors.append(relative_error(matrix, region.left, region.right))
         record.regions.append(region)
         stats.add_stored(module_name, region.nbytes)
         return PackedTensor.view_of(region, tensor)
@@ -222,19 +221,48 @@ class ActivationCompressor:
             self._stats.add_stored(module_name, tensor.untyped_storage().nbytes())
         return tensor
 
-    def _factorize(self, tensor: Tensor, matrix: Tensor, rank: int) -> LowRankFactors:
+    def _factorize(self, tensor: Tensor, matrix: Tensor, rank: int, module_name: str) -> LowRankFactors:
         factorize = METHODS[self.options.method]
         options = dict(self._method_options)
         if self.options.method in RANDOMIZED:
             options["generator"] = self._generator(tensor.device)
+        side_stream = self._side_stream(tensor.device)
         start = time.perf_counter()
         # The hook may run under autocast; the factors must keep the activation's own dtype.
-        with torch.no_grad(), torch.autocast(tensor.device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(tensor.device.type, enabled=False), self._on(side_stream):
             left, right = factorize(matrix, rank, **options)
             if self.keep_row_norms:
                 left = keep_row_norms(matrix, left, right)
+            if self.track_error:
+                self._stats.module(module_name).errors.append(relative_error(matrix, left, right))
+            ready = side_stream.record_event() if side_stream is not None else None
+        if side_stream is not None:
+            # The activation (and the matrix copied from it, if any) belongs to the current stream;
+            # once autograd frees it, its memory must not be reused before the side stream has
+            # read it. This keeps the original alive until its factors are ready.
+            matrix.record_stream(side_stream)
+        # On a side stream this is the time to launch the work, not to run it.
         self._stats.compress_seconds += time.perf_counter() - start
-        return LowRankFactors(**StoredRegion.layout_of(tensor), left=left, right=right)
+        return LowRankFactors(**StoredRegion.layout_of(tensor), left=left, right=right, ready=ready)
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        if device.type != "cuda" or not self.options.side_stream:
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    @staticmethod
+    @contextmanager
+    def _on(side_stream: torch.cuda.Stream | None) -> Iterator[None]:
+        """Run the block on ``side_stream`` once the current stream has produced its inputs."""
+        if side_stream is None:
+            yield
+            return
+        current = torch.cuda.current_stream(side_stream.device)
+        side_stream.wait_stream(current)
+        with torch.cuda.stream(side_stream):
+            yield
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:

@@ -78,10 +78,15 @@ class StoredRegion:
 
 @dataclass(eq=False)
 class LowRankFactors(StoredRegion):
-    """``left`` (M x k) @ ``right`` (k x N) approximates the region, viewed as M x N."""
+    """``left`` (M x k) @ ``right`` (k x N) approximates the region, viewed as M x N.
+
+    ``ready``: on CUDA, when the factors were computed on a side stream, the event recorded there
+    once they were done; rebuilding waits for it on the stream that rebuilds.
+    """
 
     left: Tensor
     right: Tensor
+    ready: torch.cuda.Event | None = None
 
     @property
     def rank(self) -> int:
@@ -92,6 +97,13 @@ class LowRankFactors(StoredRegion):
         return self.left.nbytes + self.right.nbytes
 
     def dense(self) -> Tensor:
+        if self.ready is not None:
+            stream = torch.cuda.current_stream(self.left.device)
+            stream.wait_event(self.ready)
+            # The factors were allocated on the side stream: once freed, their memory must not be
+            # handed out again before this stream has read them.
+            self.left.record_stream(stream)
+            self.right.record_stream(stream)
         return (self.left @ self.right).view(self.size)
 
 

@@ -202,15 +202,19 @@ def inspect_values(matrix: Tensor) -> tuple[str | None, float, float]:
     almost every real activation before the full two-valued check runs.
     """
     low, high = torch.aminmax(matrix)
-    if not (torch.isfinite(low) and torch.isfinite(high)):
+    # One host sync for both answers: on CUDA each sync stalls the forward.
+    finite, head_two_valued = torch.stack(
+        [torch.isfinite(low) & torch.isfinite(high), _two_valued(matrix[:4], low, high)]
+    ).tolist()
+    if not finite:
         return NON_FINITE, 0.0, 0.0
-    if _two_valued(matrix[:4], low, high) and _two_valued(matrix, low, high):
+    if head_two_valued and _two_valued(matrix, low, high):
         return MASK, low.item(), high.item()
     return None, 0.0, 0.0
 
 
-def _two_valued(values: Tensor, low: Tensor, high: Tensor) -> bool:
-    return bool(((values == low) | (values == high)).all())
+def _two_valued(values: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    return ((values == low) | (values == high)).all()
 
 
 def _is_non_overlapping(tensor: Tensor) -> bool:

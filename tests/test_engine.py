@@ -351,3 +351,55 @@ def test_row_norms_are_kept_by_default_in_layer_mode_only(known_rank_net):
             rebuilt = call["packed"].unpack().reshape(-1, 128)
             original = call["tensor"].reshape(-1, 128)
             torch.testing.assert_close(rebuilt.norm(dim=1), original.norm(dim=1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("side_stream", [True, False])
+def test_cuda_rank_above_the_activation_rank_gives_the_uncompressed_gradients(side_stream):
+    model = KnownRankNet(width=512).cuda().train()
+    x = KnownRankNet.make_input(batch=8, length=512, width=512).cuda()
+    expected, _ = run_and_backward(model, lambda: model(x))
+    options = {"rank": 2 * KNOWN_MAX_RANK, "min_bytes": 0, "side_stream": side_stream}
+    actual, stats = run_and_backward(model, lambda: model(x), **options)
+    assert stats.compressed > 0
+    assert_gradients_close(actual, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_side_stream_keeps_the_original_until_its_factors_are_ready():
+    # A large activation freed right after pack, its memory immediately overwritten on the main
+    # stream: without the stream bookkeeping the side stream would read the overwritten values.
+    weight = torch.randn(4096, 4096, device="cuda", requires_grad=True)
+    compressor = ActivationCompressor(nn.Linear(1, 1).train(), rank=64, min_bytes=0)
+    rank_64 = torch.randn(8192, 64, device="cuda") @ torch.randn(64, 4096, device="cuda")
+    with compressor.capture():
+        activation = rank_64.clone()
+        output = (activation @ weight).sum()
+        del activation
+        torch.full((8192, 4096), float("nan"), device="cuda")  # likely reuses the activation's block
+    output.backward()
+    assert torch.isfinite(weight.grad).all()
+    expected = rank_64.sum(0, keepdim=True).T.expand(-1, 4096)
+    torch.testing.assert_close(weight.grad, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_side_stream_leaks_no_memory():
+    model = KnownRankNet(width=512).cuda().train()
+    x = KnownRankNet.make_input(batch=8, length=512, width=512).cuda()
+
+    def allocated() -> int:
+        # Blocks freed while the side stream still had work queued on them are handed back once
+        # their events complete: empty_cache processes those events.
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated()
+
+    run_and_backward(model, lambda: model(x), rank=16, min_bytes=0)  # warm-up: streams, workspaces
+    before = allocated()
+    for _ in range(3):
+        run_and_backward(model, lambda: model(x), rank=16, min_bytes=0)
+    assert allocated() == before
