@@ -3,17 +3,21 @@
 Each run is ``python -m loract_lightning.cli fit --config <config>`` with its own seed and log
 folder; the final validation metrics come from the run's CSV log, the activation memory ratio
 (stored / saved bytes, averaged over training steps) from LoRAct's ``loract/ratio`` metric
-(1.0 for a run without LoRAct). ``--ranks`` adds, for every LoRAct config, one variant per rank
-(the accuracy-vs-rank study).
+(1.0 for a run without LoRAct). ``--grid KEY=V1,V2`` runs every config once per value of a
+setting (a dotted path in the YAML; several ``--grid`` make a product); ``--ranks`` is the
+shorthand for the LoRAct callback's rank (the accuracy-vs-rank study).
 
     python benchmarks/accuracy.py --configs text_baseline text_loract text_loract_layer --seeds 0 1 2
     python benchmarks/accuracy.py --configs text_loract --ranks 0.0625 0.25 0.5 --seeds 0 1 2
+    python benchmarks/accuracy.py --configs text_baseline --grid model.init_args.lr=3e-4,1e-3
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import itertools
 import json
 import os
 import statistics
@@ -33,30 +37,60 @@ LORACT_CLASS = "loract_lightning.LoRAct"
 @dataclass(frozen=True)
 class Run:
     config: str
-    rank: float | None  # None: the config's own rank
+    settings: tuple[tuple[str, object], ...]  # (dotted key, value) pairs changed from the config
     seed: int
 
     @property
     def variant(self) -> str:
-        return self.config if self.rank is None else f"{self.config} rank={self.rank:g}"
+        return " ".join([self.config, *(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in self.settings)])
 
     @property
     def name(self) -> str:
-        suffix = "" if self.rank is None else f"-r{self.rank:g}"
-        return f"{self.config}{suffix}-s{self.seed}"
+        return "-".join([self.config, *(f"{key.rsplit('.', 1)[-1]}{value}" for key, value in self.settings)]) + (
+            f"-s{self.seed}"
+        )
 
 
 def has_loract(config: dict) -> bool:
     return any(callback.get("class_path") == LORACT_CLASS for callback in config["trainer"].get("callbacks") or [])
 
 
-def with_rank(config: dict, rank: float) -> dict:
-    """A copy of ``config`` whose LoRAct callback uses ``rank``."""
-    config = json.loads(json.dumps(config))
-    for callback in config["trainer"]["callbacks"]:
-        if callback.get("class_path") == LORACT_CLASS:
-            callback.setdefault("init_args", {})["rank"] = rank
+def with_settings(config: dict, settings: tuple[tuple[str, object], ...]) -> dict:
+    """A copy of ``config`` with each dotted key set; ``rank`` alone means the LoRAct callback's."""
+    config = copy.deepcopy(config)
+    for key, value in settings:
+        if key == "rank":
+            for callback in config["trainer"]["callbacks"]:
+                if callback.get("class_path") == LORACT_CLASS:
+                    callback.setdefault("init_args", {})["rank"] = value
+            continue
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        node[leaf] = value
     return config
+
+
+def parse_grid(entries: list[str]) -> list[tuple[str, list]]:
+    """``["model.init_args.lr=1e-3,3e-3"]`` -> ``[("model.init_args.lr", [0.001, 0.003])]``."""
+    grid = []
+    for entry in entries:
+        key, separator, values = entry.partition("=")
+        if not separator or not key or not values:
+            raise SystemExit(f"--grid {entry!r}: expected KEY=V1,V2,... (KEY a dotted path in the config)")
+        grid.append((key, [parse_value(value) for value in values.split(",")]))
+    return grid
+
+
+def parse_value(text: str) -> object:
+    """A number where the text is one (YAML would read ``3e-4`` as a string), else YAML's reading."""
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
 
 
 def launch(run: Run, config: dict, log_dir: Path, threads: int, extra: list[str]) -> dict:
@@ -121,7 +155,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", required=True, help="names in configs/ (without .yaml)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--ranks", nargs="*", type=float, default=[], help="extra ranks for LoRAct configs")
+    parser.add_argument("--ranks", nargs="*", type=float, default=[], help="ranks to run for LoRAct configs")
+    parser.add_argument("--grid", nargs="*", default=[], help="KEY=V1,V2: run each value of a config setting")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--logs", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy_logs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy.json")
@@ -135,14 +170,17 @@ def main() -> None:
             known = sorted(p.stem for p in path.parent.glob("*.yaml"))
             parser.error(f"--configs: no configs/{name}.yaml; choose from {known}")
         configs[name] = yaml.safe_load(path.read_text())
+    grid = parse_grid(args.grid)
     runs = []
     for name, config in configs.items():
-        ranks = [None] + (args.ranks if has_loract(config) else [])
-        runs += [Run(name, rank, seed) for rank in ranks for seed in args.seeds]
+        config_grid = grid + ([("rank", args.ranks)] if args.ranks and has_loract(config) else [])
+        keys = [key for key, _ in config_grid]
+        for values in itertools.product(*(values for _, values in config_grid)):
+            runs += [Run(name, tuple(zip(keys, values, strict=True)), seed) for seed in args.seeds]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
     def fit(run: Run) -> tuple[Run, dict]:
-        config = configs[run.config] if run.rank is None else with_rank(configs[run.config], run.rank)
+        config = with_settings(configs[run.config], run.settings)
         metrics = launch(run, config, args.logs, threads, extra)
         print(f"{run.name}: " + ", ".join(f"{key}={value:.4f}" for key, value in metrics.items()), flush=True)
         return run, metrics

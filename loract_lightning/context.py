@@ -31,6 +31,13 @@ from loract_lightning.policy import ParameterIndex, RankPolicy, RankSpec
 from loract_lightning.stats import CompressionStats
 
 
+@functools.cache
+def _side_stream_of(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every compressor: cuBLAS keeps a workspace (32 MiB on an
+    H100) for each stream it has run on, so a new stream per forward would pile them up."""
+    return torch.cuda.Stream(device)
+
+
 @dataclass
 class _StorageRecord:
     """What this forward has done with one storage: compact regions built from it, or kept raw."""
@@ -78,7 +85,6 @@ class ActivationCompressor:
             if value is not None
         }
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._module_stack: list[str] = []
         self._records: dict[tuple[torch.device, int], _StorageRecord] = {}
         self._parameters: ParameterIndex | None = None
@@ -248,9 +254,7 @@ class ActivationCompressor:
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
         if device.type != "cuda" or not self.options.side_stream:
             return None
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        return self._streams[device]
+        return _side_stream_of(device)
 
     @staticmethod
     @contextmanager
