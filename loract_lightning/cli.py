@@ -1,8 +1,10 @@
-"""The ``loract`` command: LightningCLI (fit/validate/test/predict) with LoRAct's callbacks.
+"""The ``loract`` command: LightningCLI (fit/validate/test/predict) with LoRAct's callbacks,
+and ``loract profile``, which measures the rank each module needs.
 
     loract fit --config configs/text_loract.yaml
     loract fit --config configs/text_baseline.yaml --trainer.max_epochs=2
     loract fit --config configs/text_loract.yaml --print_config
+    loract profile --config configs/text_loract.yaml --batches 2 --max_error 0.2
 
 Any LightningModule/LightningDataModule can be named by ``class_path``; the current directory is
 on the import path (as with ``python -m``), so ``examples.text_classification.TextClassifier``
@@ -16,10 +18,12 @@ resolves from a checkout. LoRAct is added like any callback::
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -45,13 +49,89 @@ def main(args: list[str] | None = None) -> None:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     silence_known_warnings()
-    LightningCLI(
+    arguments = sys.argv[1:] if args is None else list(args)
+    if arguments[:1] == ["profile"]:
+        profile(arguments[1:])
+        return
+    build_cli(args)
+
+
+def build_cli(args: list[str] | None, run: bool = True) -> LightningCLI:
+    return LightningCLI(
         args=args,
+        run=run,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def profile(args: list[str]) -> None:
+    """``loract profile --config X.yaml [--batches N] [--max_error E | --memory_budget B]``.
+
+    Runs N training batches of the configured model and data, measures per module the optimal
+    and the configured method's relative error at candidate ranks, prints a table and writes
+    ``rank_profile.json``, ``rank_profile.png`` and ``loract_layers.yaml`` (a ``layers:`` block
+    meeting the error target, or the memory budget, to paste into the LoRAct callback). The
+    config's LoRAct callback, if any, gives the method, ``min_bytes`` and ``checkpoint``; the
+    modules its ``layers`` map to None are left out and stay None in the block.
+    """
+    from loract_lightning.callback import LoRAct
+    from loract_lightning.monitor import ActivationMemoryMonitor
+    from loract_lightning.rank_profile import layers_yaml
+    from loract_lightning.rank_profiler import RankProfiler
+
+    parser = argparse.ArgumentParser(prog="loract profile", description=profile.__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=2, help="training batches to profile (default 2)")
+    parser.add_argument("--max_error", type=float, default=0.2, help="error target in (0, 1) (default 0.2)")
+    parser.add_argument(
+        "--memory_budget", type=float, default=None, help="instead of --max_error: stored / saved bytes in (0, 1)"
+    )
+    parser.add_argument("--output_dir", type=Path, default=Path("loract_profile"), help="default ./loract_profile")
+    parser.add_argument("--top_k", type=int, default=20, help="modules shown in the table and chart")
+    ours, rest = parser.parse_known_args(args)
+    if ours.batches < 1:
+        parser.error(f"--batches must be >= 1, got {ours.batches}")
+    for name in ("max_error", "memory_budget"):
+        value = getattr(ours, name)
+        if value is not None and not 0 < value < 1:
+            parser.error(f"--{name} must be in (0, 1), got {value}")
+    overrides = [
+        f"--trainer.max_steps={ours.batches}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+        "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+    ]  # fmt: skip
+    if not any(arg == "--config" or arg.startswith(("--config=", "-c")) for arg in rest):
+        parser.error("--config is required: the YAML of the run to profile")
+    # `profile` builds the run from these arguments, not from the command line LightningCLI sees.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    cli = build_cli([*rest, *overrides], run=False)
+    trainer = cli.trainer
+    loract = next((c for c in trainer.callbacks if isinstance(c, LoRAct)), None)
+    # The profiler hooks the model itself; the run's own LoRAct / monitor would hook it twice.
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (LoRAct, ActivationMemoryMonitor))]
+    options = loract.options.to_dict() if loract else {}
+    keep_raw = tuple(pattern for pattern, rank in options.get("layers", {}).items() if rank is None)
+    profiler = RankProfiler(ours.batches, **options)
+    trainer.callbacks.append(profiler)
+    try:
+        trainer.fit(cli.model, datamodule=cli.datamodule)
+    except Exception as error:
+        raise SystemExit(f"loract profile: the configured run failed: {type(error).__name__}: {error}") from error
+    measured = profiler.profile
+    if not measured.modules:
+        raise SystemExit(
+            f"loract profile: {measured.steps} batches ran but no activation was eligible for compression "
+            "(all below min_bytes, or outside the checkpointed modules in layer mode)"
+        )
+    if ours.memory_budget is not None:
+        layers = measured.layers_for_budget(ours.memory_budget)
+    else:
+        layers = measured.layers_for_error(ours.max_error)
+    measured.print_table(ours.top_k)
+    files = measured.write(ours.output_dir, layers, ours.top_k, keep_raw)
+    print(layers_yaml(layers, measured.stored_ratio(layers), keep_raw))
+    print("written: " + ", ".join(str(path) for path in files))
 
 
 if __name__ == "__main__":

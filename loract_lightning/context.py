@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +63,8 @@ class ActivationCompressor:
     Attributes:
         track_error: when True, the relative error of every factorization is recorded in
             ``stats.modules[name].errors`` (costs one extra rebuild per tensor).
+        observer: when set, called as ``observer(module_name, matrix)`` with every activation
+            (flattened to M x N) just before it is factorized; ``loract profile`` uses it.
     """
 
     def __init__(self, model: nn.Module, compress: bool = True, **options: Any) -> None:
@@ -71,6 +73,7 @@ class ActivationCompressor:
         self.model = model
         self.compress = compress
         self.track_error = False
+        self.observer: Callable[[str, Tensor], None] | None = None
         self.options = CompressionOptions(**options)
         self.ranks = RankPolicy(self.options.rank, self.options.layers)
         self.ranks.check_against(model)
@@ -179,6 +182,8 @@ class ActivationCompressor:
             rank = policy.resolve_rank(rank_spec, num_rows, num_cols)
             if not policy.keeps_memory(rank, num_rows, num_cols):
                 return self._keep_raw(tensor, module_name, record, policy.NO_SAVING)
+            if self.observer is not None:
+                self.observer(module_name, matrix)
             region = self._factorize(tensor, matrix, rank, module_name)
             stats.compressed += 1
             module = stats.module(module_name)

@@ -138,7 +138,7 @@ class MemoryReport:
             1, 2, figsize=(14, max(4.5, 0.38 * len(rows) + 1.5)), gridspec_kw={"width_ratios": [3, 2]}
         )
         unit, scale = _unit(max((row["saved_bytes"] for row in rows), default=1))
-        labels = [_shorten(row["module"]) for row in rows][::-1]
+        labels = [shorten(row["module"]) for row in rows][::-1]
         positions = range(len(rows))
         height = 0.4
         bars.barh([p + height / 2 for p in positions], [r["saved_bytes"] / scale for r in rows][::-1], height,
@@ -179,5 +179,5 @@ def _format_error(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _shorten(name: str, width: int = 48) -> str:
+def shorten(name: str, width: int = 48) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]

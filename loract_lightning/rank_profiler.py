@@ -1,0 +1,87 @@
+"""RankProfiler: measure which rank each module's activations need over a few training batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from loract_lightning.context import ActivationCompressor
+from loract_lightning.rank_profile import RankProfile
+from loract_lightning.step_capture import StepCapture
+
+
+class RankProfiler(Callback):
+    """Profile the first ``batches`` training batches, then stop the fit.
+
+    Every activation the engine would factorize with the given options (modules that ``layers``
+    maps to None stay out; other ranks do not matter) is passed to a
+    :class:`~loract_lightning.rank_profile.RankProfile`, which records per module the optimal and
+    the method's relative error at candidate ranks. ``loract profile`` drives this callback and
+    prints and writes the result.
+
+    Args:
+        batches: training batches to profile.
+        **options: compression options (``method``, ``min_bytes``, ``layers``, ``checkpoint``,
+            ``seed``, ...) of :class:`~loract_lightning.options.CompressionOptions`.
+
+    Example::
+
+        profiler = RankProfiler(batches=2, min_bytes=1 << 16)
+        Trainer(callbacks=[profiler]).fit(model, datamodule)
+        print(profiler.profile.layers_for_error(0.2))
+    """
+
+    def __init__(self, batches: int = 2, **options: Any) -> None:
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise ValueError(f"batches must be an int >= 1, got {batches!r}")
+        self.batches = batches
+        self.options = options
+        method_options = {k: options[k] for k in ("power_iters", "oversample") if options.get(k) is not None}
+        self.profile = RankProfile(options.get("method", "sampled_qb"), options.get("seed", 0), **method_options)
+        self._capture: StepCapture | None = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        compressor = ActivationCompressor(pl_module, **self.options)
+        compressor.observer = self.profile.observe
+        self._capture = StepCapture(compressor, several_forwards=not pl_module.automatic_optimization)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._capture.start_step()
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        self._capture.pause()
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._capture.resume()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._capture.end_step()
+        self.profile.steps += 1
+        rank_zero_info(f"loract profile: batch {self.profile.steps}/{self.batches} measured")
+        if self.profile.steps >= self.batches:
+            trainer.should_stop = True
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._capture is not None:
+            self._capture.close()
