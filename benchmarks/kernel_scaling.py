@@ -35,13 +35,15 @@ def decaying(rows: int, cols: int, device: str) -> torch.Tensor:
     return ((left * 0.97 ** torch.arange(size, dtype=torch.float32)) @ right.T).to(device)
 
 
-def timed(function, repeats: int, device: str) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
+def timed(factorize, matrix: torch.Tensor, rank: int, repeats: int) -> tuple[float, tuple]:
+    """Median seconds of ``factorize(matrix, rank)`` and its last result."""
+    device = matrix.device.type
     times = []
     for _ in range(repeats):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        result = function()
+        result = factorize(matrix, rank)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -77,7 +79,7 @@ def main() -> None:
                 if name == "exact SVD" and matrix.numel() > EXACT_LIMIT:
                     cells.append("-")
                     continue
-                seconds, (left, right) = timed(lambda f=factorize: f(matrix, rank), args.repeats, args.device)
+                seconds, (left, right) = timed(factorize, matrix, rank, args.repeats)
                 error = relative_error(matrix, left, right)
                 row[name] = {"ms": seconds * 1000, "error": error}
                 cells.append(f"{seconds * 1000:.1f} / {error:.3f}")
