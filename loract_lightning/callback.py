@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from loract_lightning.context import ActivationCompressor
 from loract_lightning.options import CompressionOptions
-from loract_lightning.policy import RankSpec
+from loract_lightning.policy import AUTO, RankSpec
 from loract_lightning.stats import CompressionStats
 from loract_lightning.step_capture import StepCapture
 
@@ -31,7 +31,9 @@ class LoRAct(Callback):
     - ``loract/saved_bytes``: activation bytes autograd saved in the step, before compression;
     - ``loract/stored_bytes``: bytes really held for them after compression;
     - ``loract/ratio``: stored / saved;
-    - ``loract/compress_ms``: time spent factorizing in the step.
+    - ``loract/compress_ms``: time spent factorizing in the step;
+    - ``loract/mean_rank``: average rank of the step's factorizations (the ranks chosen, with
+      ``rank="auto"``).
 
     Module names in ``layers`` and ``checkpoint`` are those of ``pl_module.named_modules()``, so
     they start with the attribute that holds the network (``"model.bert.encoder.layer.0.*"``).
@@ -41,8 +43,8 @@ class LoRAct(Callback):
     attributed to the root module, so ``layers`` overrides do not apply (a warning says so).
 
     Args:
-        rank: default rank: an int k, or a float in (0, 1] meaning a fraction of each activation's
-            last dimension.
+        rank: default rank: an int k, a float in (0, 1] meaning a fraction of each activation's
+            last dimension, or ``"auto"``: per tensor, the smallest rank meeting ``max_error``.
         method: ``"sampled_qb"`` (the paper's), ``"randomized_svd"`` or ``"truncated_svd"``.
         min_bytes: activations smaller than this stay raw.
         layers: glob pattern on module names -> rank, or None for no compression; first match wins.
@@ -53,6 +55,10 @@ class LoRAct(Callback):
         oversample: extra sketch columns of the randomized methods (None: the method's default).
         keep_row_norms: rebuild each row (token) with its original norm; None (default): in layer
             mode only. False everywhere gives the paper's plain projection.
+        max_error: ``rank="auto"``: relative error each activation may have.
+        min_rank: ``rank="auto"``: smallest rank used.
+        max_rank: ``rank="auto"``: largest rank, an int or a fraction of the last dimension.
+        side_stream: on CUDA, factorize on a separate stream that overlaps the forward.
 
     Example::
 
@@ -68,7 +74,7 @@ class LoRAct(Callback):
 
     def __init__(
         self,
-        rank: int | float = 0.125,
+        rank: int | float | Literal["auto"] = 0.125,
         method: str = "sampled_qb",
         min_bytes: int = 1 << 20,
         layers: dict[str, RankSpec] | None = None,
@@ -77,6 +83,10 @@ class LoRAct(Callback):
         power_iters: int | None = None,
         oversample: int | None = None,
         keep_row_norms: bool | None = None,
+        max_error: float = 0.2,
+        min_rank: int = 1,
+        max_rank: int | float = 0.5,
+        side_stream: bool = True,
     ) -> None:
         self.options = CompressionOptions(
             rank=rank,
@@ -88,6 +98,10 @@ class LoRAct(Callback):
             power_iters=power_iters,
             oversample=oversample,
             keep_row_norms=keep_row_norms,
+            max_error=max_error,
+            min_rank=min_rank,
+            max_rank=max_rank,
+            side_stream=side_stream,
         )
         self.compressor: ActivationCompressor | None = None
         self._capture: StepCapture | None = None
@@ -165,6 +179,9 @@ class LoRAct(Callback):
             mode = "default mode"
         rank = self.options.rank
         rank_text = f"{rank} of each activation's last dim" if isinstance(rank, float) else f"{rank}"
+        if rank == AUTO:
+            options = self.options
+            rank_text = f"auto (max_error {options.max_error}, ranks {options.min_rank}..{options.max_rank})"
         lines = [f"LoRAct: {mode}, rank {rank_text}, method {self.options.method}"]
         module_names = [name for name, _ in pl_module.named_modules()]
         for pattern, count in compressor.ranks.matches(module_names).items():
@@ -180,6 +197,7 @@ class LoRAct(Callback):
             "loract/stored_bytes": float(stats.stored_bytes),
             "loract/ratio": stats.ratio,
             "loract/compress_ms": stats.compress_seconds * 1e3,
+            "loract/mean_rank": stats.mean_rank,
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)

@@ -24,7 +24,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from loract_lightning import policy
 from loract_lightning.checkpointing import checkpointed, select_modules
-from loract_lightning.linalg import METHODS, RANDOMIZED, keep_row_norms, relative_error
+from loract_lightning.linalg import METHODS, RANDOMIZED, adaptive_qb, keep_row_norms, relative_error
 from loract_lightning.options import CompressionOptions
 from loract_lightning.packed import LowRankFactors, PackedTensor, StoredRegion, TwoValuedMask
 from loract_lightning.policy import ParameterIndex, RankPolicy, RankSpec
@@ -179,16 +179,24 @@ class ActivationCompressor:
             return self._keep_raw(tensor, module_name, record, reason)
         else:
             num_rows, num_cols = matrix.shape
-            rank = policy.resolve_rank(rank_spec, num_rows, num_cols)
-            if not policy.keeps_memory(rank, num_rows, num_cols):
+            auto = rank_spec == policy.AUTO
+            if auto:
+                # The rank is chosen per tensor, up to max_rank and below the rank at which the
+                # factors would hold as much as the tensor itself.
+                largest = policy.resolve_rank(self.options.max_rank, num_rows, num_cols)
+                rank = min(largest, (num_rows * num_cols - 1) // (num_rows + num_cols))
+            else:
+                rank = policy.resolve_rank(rank_spec, num_rows, num_cols)
+            if rank < 1 or not policy.keeps_memory(rank, num_rows, num_cols):
                 return self._keep_raw(tensor, module_name, record, policy.NO_SAVING)
             if self.observer is not None:
                 self.observer(module_name, matrix)
-            region = self._factorize(tensor, matrix, rank, module_name)
+            region = self._factorize(tensor, matrix, rank, module_name, auto)
             stats.compressed += 1
+            stats.rank_sum += region.rank
             module = stats.module(module_name)
             module.compressed += 1
-            module.ranks.add(rank)
+            module.ranks.add(region.rank)
         record.regions.append(region)
         stats.add_stored(module_name, region.nbytes)
         return PackedTensor.view_of(region, tensor)
@@ -232,16 +240,23 @@ class ActivationCompressor:
             self._stats.add_stored(module_name, tensor.untyped_storage().nbytes())
         return tensor
 
-    def _factorize(self, tensor: Tensor, matrix: Tensor, rank: int, module_name: str) -> LowRankFactors:
-        factorize = METHODS[self.options.method]
-        options = dict(self._method_options)
-        if self.options.method in RANDOMIZED:
-            options["generator"] = self._generator(tensor.device)
+    def _factorize(
+        self, tensor: Tensor, matrix: Tensor, rank: int, module_name: str, auto: bool = False
+    ) -> LowRankFactors:
+        """Factors of ``matrix`` at ``rank``; with ``auto``, at the smallest rank up to ``rank``
+        that meets ``max_error``."""
+        generator = self._generator(tensor.device) if auto or self.options.method in RANDOMIZED else None
+        if auto:
+            options = {"min_rank": self.options.min_rank, "max_rank": rank, "generator": generator}
+            factorize = functools.partial(adaptive_qb, max_error=self.options.max_error, **options)
+        else:
+            options = self._method_options | ({"generator": generator} if generator is not None else {})
+            factorize = functools.partial(METHODS[self.options.method], rank=rank, **options)
         side_stream = self._side_stream(tensor.device)
         start = time.perf_counter()
         # The hook may run under autocast; the factors must keep the activation's own dtype.
         with torch.no_grad(), torch.autocast(tensor.device.type, enabled=False), self._on(side_stream):
-            left, right = factorize(matrix, rank, **options)
+            left, right = factorize(matrix)
             if self.keep_row_norms:
                 left = keep_row_norms(matrix, left, right)
             if self.track_error:

@@ -9,6 +9,8 @@ QR is either unsupported or too inaccurate to give an orthonormal basis.
   columns S, i.e. k columns of the Gram matrix. No Gaussian draw, no SVD, ~4*M*N*k flops.
 - :func:`randomized_svd` is Halko et al.'s randomized SVD with a Gaussian test matrix.
 - :func:`truncated_svd` is the exact (optimal) rank-k approximation, the yardstick.
+- :func:`adaptive_qb` grows a sampled-QB basis until a relative error target is met: the rank
+  is chosen per matrix (``rank="auto"``).
 
 Randomness comes only from the ``generator`` argument, so callers can keep the global RNG
 stream (and with it dropout masks) untouched.
@@ -90,6 +92,70 @@ def sampled_qb(
         basis = _shrink_basis(matrix, basis, rank)
     basis = basis.to(matrix.dtype)
     return matrix @ basis, basis.T.contiguous()
+
+
+def adaptive_qb(
+    matrix: Tensor,
+    max_error: float,
+    *,
+    min_rank: int = 1,
+    max_rank: int | None = None,
+    block: int = 16,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sampled QB with the rank chosen so that ``||A - L R|| <= max_error * ||A||``.
+
+    The basis grows by sampled Gram columns, doubling each round (``block``, then as many
+    columns as it already has), each new part orthogonalized against the basis so far. The
+    error is known without rebuilding A: ``||A||^2 - ||A Q||^2``. Once it is met (or ``max_rank``
+    is reached), the basis is rotated onto the principal directions of ``A Q`` (a k x k
+    eigendecomposition) and cut to the smallest rank >= ``min_rank`` that meets the target, so
+    the doubling does not overshoot. Costs a few host syncs (one per round).
+
+    Returns:
+        ``(L, R)`` as :func:`sampled_qb`, with k chosen between ``min_rank`` and ``max_rank``
+        (default ``min(M, N)``); at ``max_rank`` the target may be missed.
+    """
+    if not 0.0 < max_error < 1.0:
+        raise ValueError(f"max_error must be in (0, 1), got {max_error!r}")
+    _check_input(matrix, min_rank)
+    if matrix.shape[0] < matrix.shape[1]:
+        left, right = adaptive_qb(
+            matrix.T, max_error, min_rank=min_rank, max_rank=max_rank, block=block, generator=generator
+        )
+        return right.T.contiguous(), left.T.contiguous()
+    num_cols = matrix.shape[1]
+    limit = min(max_rank or num_cols, num_cols)
+    min_rank = min(min_rank, limit)
+    order = torch.randperm(num_cols, generator=generator, device=generator.device if generator else "cpu")
+    order = order.to(matrix.device)
+    energy = float(matrix.float().square().sum())
+    target = max_error**2 * energy
+    basis = matrix.new_zeros(num_cols, 0, dtype=torch.float32)
+    projected = matrix.new_zeros(matrix.shape[0], 0, dtype=torch.float32)  # A @ basis
+    size = max(block, min_rank)
+    while True:
+        taken = basis.shape[1]
+        columns = order[taken : taken + min(size, limit - taken)]
+        new = _orthonormal_basis(matrix.T @ matrix[:, columns])
+        # Twice: the new directions must be orthogonal to the basis, also those QR made up for a
+        # sketch that the basis already spans (rank-deficient A).
+        for _ in range(2):
+            new = _orthonormal_basis(new - basis @ (basis.T @ new))
+        basis = torch.cat([basis, new], dim=1)
+        projected = torch.cat([projected, (matrix @ new.to(matrix.dtype)).float()], dim=1)
+        if energy - float(projected.square().sum()) <= target or basis.shape[1] >= limit:
+            break
+        size = basis.shape[1]
+    eigenvalues, eigenvectors = torch.linalg.eigh(projected.T @ projected)
+    eigenvalues, eigenvectors = eigenvalues.flip(0).clamp(min=0), eigenvectors.flip(1)
+    missed = energy - torch.cumsum(eigenvalues.double(), 0)
+    rank = int((missed > target).sum()) + 1  # missed is decreasing: the first rank that meets it
+    rank = max(min_rank, min(rank, basis.shape[1]))
+    rotation = eigenvectors[:, :rank]
+    left = (projected @ rotation).to(matrix.dtype)
+    right = (basis @ rotation).T.to(matrix.dtype).contiguous()
+    return left, right
 
 
 def randomized_svd(

@@ -13,12 +13,16 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-RankSpec = int | float | None
-"""An int k, a float in (0, 1] meaning a fraction of the last dimension, or None (do not compress)."""
+RankSpec = int | float | Literal["auto"] | None
+"""An int k, a float in (0, 1] meaning a fraction of the last dimension, ``"auto"`` (chosen per
+tensor for an error target), or None (do not compress)."""
+
+AUTO = "auto"
 
 # Reasons for keeping a saved tensor raw, as they appear in ``CompressionStats.kept``.
 PARAMETER = "parameter"
@@ -39,9 +43,9 @@ MEASURE_ONLY = "measure_only"
 
 def check_rank(rank: RankSpec, what: str = "rank", allow_none: bool = False) -> None:
     """Raise a ValueError/TypeError naming ``rank`` unless it is a valid rank spec."""
-    if rank is None and allow_none:
+    if (rank is None and allow_none) or rank == AUTO:
         return
-    allowed = "an int >= 1 or a float in (0, 1]" + (" or None" if allow_none else "")
+    allowed = "an int >= 1, a float in (0, 1], 'auto'" + (" or None" if allow_none else "")
     if isinstance(rank, bool) or not isinstance(rank, (int, float)):
         raise TypeError(f"{what} must be {allowed}, got {rank!r}")
     if isinstance(rank, int) and rank < 1:

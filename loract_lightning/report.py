@@ -82,7 +82,7 @@ class MemoryReport:
                     "saved_bytes": saved,
                     "stored_bytes": stored,
                     "ratio": stored / saved if saved else 1.0,
-                    "ranks": " ".join(map(str, sorted(totals.ranks))),
+                    "ranks": _format_ranks(totals.ranks),
                     "error_mean": totals.error_sum / count if count else None,
                     "error_max": totals.error_max if count else None,
                 }
@@ -161,6 +161,12 @@ class MemoryReport:
         figure.tight_layout()
         figure.savefig(path, dpi=110)
         plt.close(figure)
+
+
+def _format_ranks(ranks: set[int]) -> str:
+    """``"16 32"``; a range once there are many (``rank="auto"`` chooses one per tensor)."""
+    ordered = sorted(ranks)
+    return " ".join(map(str, ordered)) if len(ordered) <= 3 else f"{ordered[0]}-{ordered[-1]}"
 
 
 def format_bytes(value: float) -> str:

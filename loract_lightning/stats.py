@@ -31,6 +31,8 @@ class CompressionStats:
             compression (parameters and buffers excluded; a storage saved several times counts once).
         stored_bytes: bytes really held for them afterwards: factors plus storages kept raw.
         compressed: saved tensors replaced by newly computed factors.
+        rank_sum: the sum of their ranks (``mean_rank`` is the average; with ``rank="auto"`` it
+            shows the ranks chosen).
         shared: saved tensors answered by a region already packed from the same storage.
         masks: two-valued tensors (float dropout masks) stored exactly as bool masks.
         kept: saved tensors kept raw, counted by reason (see ``loract_lightning.policy``).
@@ -41,6 +43,7 @@ class CompressionStats:
     saved_bytes: int = 0
     stored_bytes: int = 0
     compressed: int = 0
+    rank_sum: int = 0
     shared: int = 0
     masks: int = 0
     kept: Counter[str] = field(default_factory=Counter)
@@ -51,6 +54,11 @@ class CompressionStats:
     def ratio(self) -> float:
         """``stored_bytes / saved_bytes``: the fraction of activation memory still held (1.0 if none)."""
         return self.stored_bytes / self.saved_bytes if self.saved_bytes else 1.0
+
+    @property
+    def mean_rank(self) -> float:
+        """Average rank of the factorizations (0.0 if none)."""
+        return self.rank_sum / self.compressed if self.compressed else 0.0
 
     def module(self, name: str) -> ModuleMemory:
         if name not in self.modules:
@@ -70,6 +78,7 @@ class CompressionStats:
         self.saved_bytes += other.saved_bytes
         self.stored_bytes += other.stored_bytes
         self.compressed += other.compressed
+        self.rank_sum += other.rank_sum
         self.shared += other.shared
         self.masks += other.masks
         self.kept.update(other.kept)
@@ -88,6 +97,7 @@ class CompressionStats:
         kept = ", ".join(f"{reason}={count}" for reason, count in sorted(self.kept.items())) or "none"
         return (
             f"saved {self.saved_bytes / mib:.1f} MiB -> stored {self.stored_bytes / mib:.1f} MiB "
-            f"(ratio {self.ratio:.3f}); compressed {self.compressed}, shared {self.shared}, masks {self.masks}, "
+            f"(ratio {self.ratio:.3f}); compressed {self.compressed} (mean rank {self.mean_rank:.1f}), "
+            f"shared {self.shared}, masks {self.masks}, "
             f"kept raw: {kept}; {self.compress_seconds * 1e3:.1f} ms compressing"
         )

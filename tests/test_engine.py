@@ -404,3 +404,34 @@ def test_cuda_side_stream_leaks_no_memory():
         run_and_backward(model, lambda: model(x), rank=16, min_bytes=0)
     after = allocated()
     assert after == before, f"{after - before} bytes more allocated after 3 steps"
+
+
+def test_auto_rank_meets_max_error_on_every_tensor_and_reports_its_ranks(known_rank_net):
+    model, x = known_rank_net, KnownRankNet.make_input()
+    compressor = ActivationCompressor(model, rank="auto", max_error=0.05, min_bytes=0)
+    compressor.track_error = True
+    with compressor.capture() as stats:
+        loss = model(x)
+    loss.backward()
+    errors = [error for module in stats.modules.values() for error in module.errors]
+    ranks = {rank for module in stats.modules.values() for rank in module.ranks}
+    assert stats.compressed > 0 and len(errors) == stats.compressed
+    assert max(errors) <= 0.05 * 1.001
+    assert len(ranks) > 1 and max(ranks) <= KNOWN_MAX_RANK
+    assert stats.mean_rank == pytest.approx(stats.rank_sum / stats.compressed)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"rank": "auto", "max_error": 1.5}, r"max_error must be a number in \(0, 1\), got 1.5"),
+        ({"rank": "auto", "min_rank": 0}, "min_rank must be an int >= 1, got 0"),
+        ({"rank": "auto", "min_rank": 8, "max_rank": 4}, r"min_rank \(8\) must not exceed max_rank \(4\)"),
+        ({"rank": "auto", "method": "randomized_svd"}, "rank='auto' needs method='sampled_qb'"),
+        ({"layers": {"blocks.*": "auto"}, "method": "truncated_svd"}, "rank='auto' needs method='sampled_qb'"),
+        ({"rank": "automatic"}, r"rank must be an int >= 1, a float in \(0, 1\], 'auto'"),
+    ],
+)
+def test_bad_auto_rank_options_name_the_value(known_rank_net, options, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        ActivationCompressor(known_rank_net, **options)

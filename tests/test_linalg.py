@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loract_lightning.linalg import METHODS, randomized_svd, relative_error, sampled_qb, truncated_svd
+from loract_lightning.linalg import METHODS, adaptive_qb, randomized_svd, relative_error, sampled_qb, truncated_svd
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -125,3 +125,45 @@ def test_keep_row_norms_leaves_exact_factors_exact():
     matrix = low_rank_matrix(200, 64, rank=5)
     left, right = sampled_qb(matrix, 8, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(keep_row_norms(matrix, left, right) @ right, matrix, rtol=1e-4, atol=1e-4)
+
+
+def optimal_rank(matrix: torch.Tensor, max_error: float) -> int:
+    """The smallest k whose best rank-k approximation has relative error <= max_error."""
+    squares = torch.linalg.svdvals(matrix).double() ** 2
+    missed = squares.sum() - torch.cumsum(squares, 0)
+    return int((missed > max_error**2 * squares.sum()).sum()) + 1
+
+
+@pytest.mark.parametrize("decay", [0.8, 0.9, 0.97])
+@pytest.mark.parametrize("max_error", [0.1, 0.2, 0.3])
+def test_adaptive_rank_meets_its_error_target_near_the_optimal_rank(decay, max_error, device):
+    spectrum = decay ** torch.arange(128, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    left_basis = torch.linalg.qr(torch.randn(1024, 128, generator=generator)).Q
+    right_basis = torch.linalg.qr(torch.randn(128, 128, generator=generator)).Q
+    matrix = ((left_basis * spectrum) @ right_basis.T).to(device)
+    left, right = adaptive_qb(matrix, max_error, generator=torch.Generator(device).manual_seed(0))
+    assert relative_error(matrix, left, right) <= max_error * 1.001
+    best = optimal_rank(matrix.cpu(), max_error)
+    assert best <= left.shape[1] <= best + max(2, best // 8)
+
+
+@pytest.mark.parametrize("shape", [(600, 200), (200, 600)], ids=["tall", "wide"])
+def test_adaptive_rank_finds_the_rank_of_an_exactly_low_rank_matrix(shape):
+    matrix = low_rank_matrix(*shape, rank=7)
+    left, right = adaptive_qb(matrix, 0.01)
+    assert left.shape == (shape[0], 7) and right.shape == (7, shape[1])
+    assert relative_error(matrix, left, right) < 1e-5
+
+
+def test_adaptive_rank_stays_within_its_bounds():
+    matrix = decaying_matrix(400, 120)
+    assert adaptive_qb(matrix, 0.9, min_rank=20)[0].shape[1] == 20
+    left, right = adaptive_qb(matrix, 0.01, max_rank=10)
+    assert left.shape[1] == 10 and relative_error(matrix, left, right) > 0.01
+
+
+@pytest.mark.parametrize("max_error", [0.0, 1.0, -0.5])
+def test_adaptive_rank_rejects_an_error_target_outside_0_1(max_error):
+    with pytest.raises(ValueError, match=r"max_error must be in \(0, 1\)"):
+        adaptive_qb(decaying_matrix(64, 32), max_error)
