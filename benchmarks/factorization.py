@@ -31,13 +31,7 @@ def capture_activations(model, loss_fn, min_bytes: int = 1 << 20) -> list[tuple[
     """
     compressor = ActivationCompressor(model, rank=1, min_bytes=min_bytes)
     captured = []
-    factorize = compressor._factorize
-
-    def record(tensor, matrix, rank):
-        captured.append((compressor._module_stack[-1], matrix.detach().clone()))
-        return factorize(tensor, matrix, rank)
-
-    compressor._factorize = record
+    compressor.observer = lambda name, matrix: captured.append((name, matrix.detach().clone()))
     with compressor.capture():
         loss_fn()
     return captured

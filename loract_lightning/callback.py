@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from loract_lightning.context import ActivationCompressor
+from loract_lightning.host_memory import release_free_memory
 from loract_lightning.options import CompressionOptions
 from loract_lightning.policy import AUTO, RankSpec
 from loract_lightning.stats import CompressionStats
@@ -153,6 +154,8 @@ class LoRAct(Callback):
     ) -> None:
         self._capture.end_step()
         self._log_step(trainer)
+        if trainer.strategy.root_device.type == "cpu":
+            release_free_memory()  # see loract_lightning.host_memory: glibc keeps freed factors otherwise
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
