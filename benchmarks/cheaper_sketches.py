@@ -1,0 +1,110 @@
+"""Cheaper sketches than sampled QB, tried on real activations: kept only if the error stays within 10%.
+
+Activations of pretrained MiniLM are captured for two different batches of drug reviews (the
+engine's own selection, through ``ActivationCompressor.observer``). For each large activation of
+the second batch, at k = N/8, it compares with plain sampled QB (time, relative error):
+
+- *subspace reuse*: the basis ``Q`` computed on the first batch's activation of the same module
+  is reused, so only ``L = A Q`` is computed (half the flops, no QR);
+- *row sampling*: the Gram columns are estimated from a quarter of the rows (tokens),
+  ``Y = A[R]^T A[R, S]``, then ``L = A Q`` as usual.
+
+    python benchmarks/cheaper_sketches.py [--count 8] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from models import minilm
+
+from loract_lightning import ActivationCompressor
+from loract_lightning.linalg import relative_error, sampled_qb
+
+
+def capture(model, loss_fn) -> dict[str, torch.Tensor]:
+    """The first activation each module saves for compression, by module name."""
+    compressor = ActivationCompressor(model, rank=1, min_bytes=1 << 20, layers={"*.attention.self": None})
+    captured: dict[str, torch.Tensor] = {}
+    compressor.observer = lambda name, matrix: captured.setdefault(name, matrix.detach().clone())
+    with compressor.capture():
+        loss_fn()
+    return captured
+
+
+def reuse_basis(matrix: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return matrix @ basis, basis.T
+
+
+def row_sampled_qb(matrix: torch.Tensor, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.randperm(matrix.shape[0], generator=generator)[: matrix.shape[0] // 4]
+    columns = torch.randperm(matrix.shape[1], generator=generator)[:rank]
+    sample = matrix[rows]
+    basis = torch.linalg.qr((sample.T @ sample[:, columns]).float()).Q.to(matrix.dtype)
+    return matrix @ basis, basis.T
+
+
+def median_ms(function, repeats: int) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
+    function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=8, help="largest activations to compare")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cheaper_sketches.json")
+    args = parser.parse_args()
+    _, model, first_batch = minilm(batch=16, seq=128)
+    _, _, second_batch = minilm(batch=16, seq=128, offset=16)
+    first, second = capture(model, first_batch), capture(model, second_batch)
+    names = sorted(set(first) & set(second), key=lambda name: -second[name].numel())[: args.count]
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    print("| module | M x N | k | sampled QB ms / err | reuse ms / err ratio | row-sampled ms / err ratio |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        matrix = second[name]
+        rank = max(1, matrix.shape[1] // 8)
+        old_basis = sampled_qb(first[name], rank, generator=generator)[1].T.contiguous()
+        base_ms, base = median_ms(lambda m=matrix, k=rank: sampled_qb(m, k, generator=generator), args.repeats)
+        reuse_ms, reused = median_ms(lambda m=matrix, b=old_basis: reuse_basis(m, b), args.repeats)
+        rows_ms, sampled = median_ms(lambda m=matrix, k=rank: row_sampled_qb(m, k, generator), args.repeats)
+        errors = [relative_error(matrix, *result) for result in (base, reused, sampled)]
+        row = {
+            "module": name, "shape": list(matrix.shape), "rank": rank,
+            "sampled_qb": {"ms": base_ms, "error": errors[0]},
+            "reuse": {"ms": reuse_ms, "error": errors[1]},
+            "row_sampled": {"ms": rows_ms, "error": errors[2]},
+        }  # fmt: skip
+        rows.append(row)
+        print(
+            f"| {name.removeprefix('bert.encoder.')} | {matrix.shape[0]} x {matrix.shape[1]} | {rank} | "
+            f"{base_ms:.1f} / {errors[0]:.3f} | {reuse_ms:.1f} / {errors[1] / errors[0]:.3f} | "
+            f"{rows_ms:.1f} / {errors[2] / errors[0]:.3f} |",
+            flush=True,
+        )
+    for key in ("reuse", "row_sampled"):
+        ratios = [row[key]["error"] / row["sampled_qb"]["error"] for row in rows]
+        speed = [row[key]["ms"] / row["sampled_qb"]["ms"] for row in rows]
+        kept = "within 10%" if max(ratios) <= 1.10 else "NOT within 10%"
+        print(
+            f"{key}: error ratio median {statistics.median(ratios):.3f}, worst {max(ratios):.3f} ({kept}); "
+            f"time ratio median {statistics.median(speed):.2f}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
