@@ -136,3 +136,10 @@ def test_profile_command_rejects_bad_input(arguments, message, capsys, monkeypat
     with pytest.raises(SystemExit):
         main(["profile", *config, *arguments])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_profile_command_reports_a_run_that_does_not_train(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit, match="loract profile: the configured run failed: FileNotFoundError"):
+        main(["profile", "--config", "configs/vision_loract.yaml", f"--data.data_dir={tmp_path / 'missing'}"])
