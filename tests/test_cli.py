@@ -57,7 +57,7 @@ def test_bad_rank_in_yaml_names_the_value(tmp_path, capsys):
     config["trainer"]["callbacks"][0]["init_args"]["rank"] = 0
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(config))
-    assert "rank must be an int >= 1 or a float in (0, 1], got 0" in run_failing(capsys, "--config", str(bad))
+    assert "rank must be an int >= 1, a float in (0, 1], 'auto', got 0" in run_failing(capsys, "--config", str(bad))
 
 
 def test_missing_data_dir_names_the_path(tmp_path, capsys):
