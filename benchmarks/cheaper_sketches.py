@@ -65,9 +65,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cheaper_sketches.json")
     args = parser.parse_args()
-    _, model, first_batch = minilm(batch=16, seq=128)
-    _, _, second_batch = minilm(batch=16, seq=128, offset=16)
-    first, second = capture(model, first_batch), capture(model, second_batch)
+    # The same pretrained weights (and seed) twice, each bound to its own batch of reviews.
+    _, first_model, first_batch = minilm(batch=16, seq=128)
+    _, second_model, second_batch = minilm(batch=16, seq=128, offset=16)
+    first, second = capture(first_model, first_batch), capture(second_model, second_batch)
     names = sorted(set(first) & set(second), key=lambda name: -second[name].numel())[: args.count]
     generator = torch.Generator().manual_seed(0)
     rows = []
