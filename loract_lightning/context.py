@@ -179,19 +179,12 @@ class ActivationCompressor:
             return self._keep_raw(tensor, module_name, record, reason)
         else:
             num_rows, num_cols = matrix.shape
-            auto = rank_spec == policy.AUTO
-            if auto:
-                # The rank is chosen per tensor, up to max_rank and below the rank at which the
-                # factors would hold as much as the tensor itself.
-                largest = policy.resolve_rank(self.options.max_rank, num_rows, num_cols)
-                rank = min(largest, (num_rows * num_cols - 1) // (num_rows + num_cols))
-            else:
-                rank = policy.resolve_rank(rank_spec, num_rows, num_cols)
+            rank = self._rank_for(rank_spec, num_rows, num_cols)
             if rank < 1 or not policy.keeps_memory(rank, num_rows, num_cols):
                 return self._keep_raw(tensor, module_name, record, policy.NO_SAVING)
             if self.observer is not None:
                 self.observer(module_name, matrix)
-            region = self._factorize(tensor, matrix, rank, module_name, auto)
+            region = self._factorize(tensor, matrix, rank, module_name, auto=rank_spec == policy.AUTO)
             stats.compressed += 1
             stats.rank_sum += region.rank
             module = stats.module(module_name)
@@ -232,6 +225,14 @@ class ActivationCompressor:
         if rank_spec is None:
             return policy.DISABLED, None
         return None, rank_spec
+
+    def _rank_for(self, rank_spec: RankSpec, num_rows: int, num_cols: int) -> int:
+        """The rank to factorize at; for ``"auto"`` the largest rank the choice may reach."""
+        if rank_spec != policy.AUTO:
+            return policy.resolve_rank(rank_spec, num_rows, num_cols)
+        # Up to max_rank, and below the rank at which the factors would hold as much as the tensor.
+        largest = policy.resolve_rank(self.options.max_rank, num_rows, num_cols)
+        return min(largest, (num_rows * num_cols - 1) // (num_rows + num_cols))
 
     def _keep_raw(self, tensor: Tensor, module_name: str, record: _StorageRecord, reason: str) -> Tensor:
         self._stats.kept[reason] += 1
