@@ -6,10 +6,10 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from loract_lightning.capture_callback import StepCaptureCallback
 from loract_lightning.context import ActivationCompressor
 from loract_lightning.host_memory import release_free_memory
 from loract_lightning.options import CompressionOptions
@@ -18,7 +18,7 @@ from loract_lightning.stats import CompressionStats
 from loract_lightning.step_capture import StepCapture
 
 
-class LoRAct(Callback):
+class LoRAct(StepCaptureCallback):
     r"""Store the activations of every training forward as low-rank factors (LoRAct).
 
     Compression is installed for the training forward only: from the start of each training batch
@@ -135,43 +135,13 @@ class LoRAct(Callback):
             )
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._capture.start_step()
-
-    @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
-        self._capture.pause()
-
-    @override
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._capture.resume()  # manual optimization may run another forward in the same step
-
-    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._capture.end_step()
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._log_step(trainer)
         if trainer.strategy.root_device.type == "cpu":
             release_free_memory()  # see loract_lightning.host_memory: glibc keeps freed factors otherwise
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._close()
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close()
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self._capture:
-            self._capture.close()
 
     # -- logging -----------------------------------------------------------------------------
 

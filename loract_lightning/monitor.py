@@ -8,15 +8,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from loract_lightning.capture_callback import StepCaptureCallback
 from loract_lightning.context import ActivationCompressor
 from loract_lightning.report import MemoryReport
 from loract_lightning.step_capture import StepCapture
 
 
-class ActivationMemoryMonitor(Callback):
+class ActivationMemoryMonitor(StepCaptureCallback):
     r"""Measure the activation memory of every training step, per module.
 
     Alone, it counts what the training forward saves for backward (nothing is compressed), so you
@@ -65,10 +65,10 @@ class ActivationMemoryMonitor(Callback):
         self.report = MemoryReport()
         self.report_files: list[Path] = []
         self._loract: Any = None
-        self._own_capture: StepCapture | None = None
+        self._capture: StepCapture | None = None  # own capture, only when no LoRAct callback
 
     def _step_stats(self):
-        return (self._loract or self._own_capture).step_stats
+        return (self._loract or self._capture).step_stats
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -79,7 +79,7 @@ class ActivationMemoryMonitor(Callback):
         self._loract = next((c for c in trainer.callbacks if isinstance(c, LoRAct)), None)
         if self._loract is None:
             compressor = ActivationCompressor(pl_module, compress=False)
-            self._own_capture = StepCapture(compressor, several_forwards=not pl_module.automatic_optimization)
+            self._capture = StepCapture(compressor, several_forwards=not pl_module.automatic_optimization)
 
     @override
     def on_train_batch_start(
@@ -93,25 +93,13 @@ class ActivationMemoryMonitor(Callback):
         if self._loract is not None:
             every = self.error_every_n_steps
             self._loract.compressor.track_error = bool(every) and trainer.global_step % every == 0
-        else:
-            self._own_capture.start_step()
-
-    @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
-        if self._own_capture:
-            self._own_capture.pause()
-
-    @override
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._own_capture:
-            self._own_capture.resume()
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._own_capture:
-            self._own_capture.end_step()
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         stats = self._step_stats()
         device = trainer.strategy.root_device
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _resident_peak()
@@ -138,23 +126,14 @@ class ActivationMemoryMonitor(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close()
+        super().on_fit_end(trainer, pl_module)
         self.report.reduce_across_ranks(trainer.strategy, [name for name, _ in pl_module.named_modules()])
         if trainer.is_global_zero:
             self.report.print_table(self.top_k)
             self.report_files = self.report.write(self._output_dir(trainer), self.top_k)
 
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._close()
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._close()
-
     def _close(self) -> None:
-        if self._own_capture:
-            self._own_capture.close()
+        super()._close()
         if self._loract is not None and self._loract.compressor is not None:
             self._loract.compressor.track_error = False
 

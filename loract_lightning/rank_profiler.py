@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from loract_lightning.capture_callback import StepCaptureCallback
 from loract_lightning.context import ActivationCompressor
 from loract_lightning.rank_profile import RankProfile
 from loract_lightning.step_capture import StepCapture
 
 
-class RankProfiler(Callback):
+class RankProfiler(StepCaptureCallback):
     """Profile the first ``batches`` training batches, then stop the fit.
 
     Every activation the engine would factorize with the given options (modules that ``layers``
@@ -42,7 +42,6 @@ class RankProfiler(Callback):
         self.options = options
         method_options = {k: options[k] for k in ("power_iters", "oversample") if options.get(k) is not None}
         self.profile = RankProfile(options.get("method", "sampled_qb"), options.get("seed", 0), **method_options)
-        self._capture: StepCapture | None = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -51,37 +50,11 @@ class RankProfiler(Callback):
         self._capture = StepCapture(compressor, several_forwards=not pl_module.automatic_optimization)
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._capture.start_step()
-
-    @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
-        self._capture.pause()
-
-    @override
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._capture.resume()
-
-    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._capture.end_step()
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self.profile.steps += 1
         rank_zero_info(f"loract profile: batch {self.profile.steps}/{self.batches} measured")
         if self.profile.steps >= self.batches:
             trainer.should_stop = True
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._close()
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self._capture is not None:
-            self._capture.close()
