@@ -7,7 +7,11 @@ the second batch, at k = N/8, it compares with plain sampled QB (time, relative 
 - *subspace reuse*: the basis ``Q`` computed on the first batch's activation of the same module
   is reused, so only ``L = A Q`` is computed (half the flops, no QR);
 - *row sampling*: the Gram columns are estimated from a quarter of the rows (tokens),
-  ``Y = A[R]^T A[R, S]``, then ``L = A Q`` as usual.
+  ``Y = A[R]^T A[R, S]``, then ``L = A Q`` as usual;
+- *bfloat16 sketch*: sampled QB on the activation cast to bfloat16 (QR still in float32), the
+  factors cast back; the time includes both casts;
+- *bfloat16 factors* (``factor_dtype="bfloat16"``): the sketch in float32, only the projection
+  ``A Q`` in bfloat16, factors kept in bfloat16 (half the memory).
 
     python benchmarks/cheaper_sketches.py [--count 8] [--repeats 5]
 """
@@ -25,6 +29,9 @@ from models import minilm
 
 from loract_lightning import ActivationCompressor
 from loract_lightning.linalg import relative_error, sampled_qb
+
+SKETCHES = ("reuse", "row_sampled", "bfloat16_sketch", "bfloat16_factors")
+"""The cheaper sketches compared with plain sampled QB."""
 
 
 def capture(model, loss_fn) -> dict[str, torch.Tensor]:
@@ -47,6 +54,13 @@ def row_sampled_qb(matrix: torch.Tensor, rank: int, generator: torch.Generator) 
     sample = matrix[rows]
     basis = torch.linalg.qr((sample.T @ sample[:, columns]).float()).Q.to(matrix.dtype)
     return matrix @ basis, basis.T
+
+
+def bfloat16_sketch_qb(
+    matrix: torch.Tensor, rank: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    left, right = sampled_qb(matrix.bfloat16(), rank, generator=generator)
+    return left.to(matrix.dtype), right.to(matrix.dtype)
 
 
 def median_ms(function, repeats: int) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
@@ -72,30 +86,33 @@ def main() -> None:
     names = sorted(set(first) & set(second), key=lambda name: -second[name].numel())[: args.count]
     generator = torch.Generator().manual_seed(0)
     rows = []
-    print("| module | M x N | k | sampled QB ms / err | reuse ms / err ratio | row-sampled ms / err ratio |")
-    print("|---|---|---|---|---|---|")
+    headers = " | ".join(f"{key} ms / err ratio" for key in SKETCHES)
+    print(f"| module | M x N | k | sampled QB ms / err | {headers} |")
+    print("|---|---|---|---|" + "---|" * len(SKETCHES))
     for name in names:
         matrix = second[name]
         rank = max(1, matrix.shape[1] // 8)
         old_basis = sampled_qb(first[name], rank, generator=generator)[1].T.contiguous()
-        base_ms, base = median_ms(lambda m=matrix, k=rank: sampled_qb(m, k, generator=generator), args.repeats)
-        reuse_ms, reused = median_ms(lambda m=matrix, b=old_basis: reuse_basis(m, b), args.repeats)
-        rows_ms, sampled = median_ms(lambda m=matrix, k=rank: row_sampled_qb(m, k, generator), args.repeats)
-        errors = [relative_error(matrix, *result) for result in (base, reused, sampled)]
-        row = {
-            "module": name, "shape": list(matrix.shape), "rank": rank,
-            "sampled_qb": {"ms": base_ms, "error": errors[0]},
-            "reuse": {"ms": reuse_ms, "error": errors[1]},
-            "row_sampled": {"ms": rows_ms, "error": errors[2]},
-        }  # fmt: skip
+        candidates = {
+            "sampled_qb": lambda m=matrix, k=rank: sampled_qb(m, k, generator=generator),
+            "reuse": lambda m=matrix, b=old_basis: reuse_basis(m, b),
+            "row_sampled": lambda m=matrix, k=rank: row_sampled_qb(m, k, generator),
+            "bfloat16_sketch": lambda m=matrix, k=rank: bfloat16_sketch_qb(m, k, generator),
+            "bfloat16_factors": lambda m=matrix, k=rank: sampled_qb(m, k, generator=generator, dtype=torch.bfloat16),
+        }
+        row = {"module": name, "shape": list(matrix.shape), "rank": rank}
+        for key, function in candidates.items():
+            milliseconds, factors = median_ms(function, args.repeats)
+            row[key] = {"ms": milliseconds, "error": relative_error(matrix, *factors)}
         rows.append(row)
+        base = row["sampled_qb"]
+        cells = [f"{row[key]['ms']:.1f} / {row[key]['error'] / base['error']:.3f}" for key in SKETCHES]
         print(
             f"| {name.removeprefix('bert.encoder.')} | {matrix.shape[0]} x {matrix.shape[1]} | {rank} | "
-            f"{base_ms:.1f} / {errors[0]:.3f} | {reuse_ms:.1f} / {errors[1] / errors[0]:.3f} | "
-            f"{rows_ms:.1f} / {errors[2] / errors[0]:.3f} |",
+            f"{base['ms']:.1f} / {base['error']:.3f} | " + " | ".join(cells) + " |",
             flush=True,
         )
-    for key in ("reuse", "row_sampled"):
+    for key in SKETCHES:
         ratios = [row[key]["error"] / row["sampled_qb"]["error"] for row in rows]
         speed = [row[key]["ms"] / row["sampled_qb"]["ms"] for row in rows]
         kept = "within 10%" if max(ratios) <= 1.10 else "NOT within 10%"

@@ -60,6 +60,9 @@ class LoRAct(StepCaptureCallback):
         min_rank: ``rank="auto"``: smallest rank used.
         max_rank: ``rank="auto"``: largest rank, an int or a fraction of the last dimension.
         side_stream: on CUDA, factorize on a separate stream that overlaps the forward.
+        factor_dtype: ``"bfloat16"`` or ``"float16"``: keep the factors of float32 activations in
+            this dtype (half the memory, faster projection and rebuild on bf16-capable CPUs and
+            on GPUs); None (default): in the activation's dtype.
 
     Example::
 
@@ -88,6 +91,7 @@ class LoRAct(StepCaptureCallback):
         min_rank: int = 1,
         max_rank: int | float = 0.5,
         side_stream: bool = True,
+        factor_dtype: Literal["bfloat16", "float16"] | None = None,
     ) -> None:
         self.options = CompressionOptions(
             rank=rank,
@@ -103,6 +107,7 @@ class LoRAct(StepCaptureCallback):
             min_rank=min_rank,
             max_rank=max_rank,
             side_stream=side_stream,
+            factor_dtype=factor_dtype,
         )
         self.compressor: ActivationCompressor | None = None
         self._capture: StepCapture | None = None
@@ -155,7 +160,10 @@ class LoRAct(StepCaptureCallback):
         if rank == AUTO:
             options = self.options
             rank_text = f"auto (max_error {options.max_error}, ranks {options.min_rank}..{options.max_rank})"
-        lines = [f"LoRAct: {mode}, rank {rank_text}, method {self.options.method}"]
+        method = self.options.method
+        if self.options.factor_dtype is not None:
+            method += f", factors in {self.options.factor_dtype}"
+        lines = [f"LoRAct: {mode}, rank {rank_text}, method {method}"]
         module_names = [name for name, _ in pl_module.named_modules()]
         for pattern, count in compressor.ranks.matches(module_names).items():
             lines.append(f"  layers[{pattern!r}] -> {self.options.layers[pattern]}: matches {count} modules")

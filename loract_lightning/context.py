@@ -25,7 +25,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from loract_lightning import policy
 from loract_lightning.checkpointing import checkpointed, select_modules
 from loract_lightning.linalg import METHODS, RANDOMIZED, adaptive_qb, keep_row_norms, relative_error
-from loract_lightning.options import CompressionOptions
+from loract_lightning.options import FACTOR_DTYPES, CompressionOptions
 from loract_lightning.packed import LowRankFactors, PackedTensor, StoredRegion, TwoValuedMask
 from loract_lightning.policy import ParameterIndex, RankPolicy, RankSpec
 from loract_lightning.stats import CompressionStats
@@ -87,6 +87,7 @@ class ActivationCompressor:
             for key, value in (("power_iters", self.options.power_iters), ("oversample", self.options.oversample))
             if value is not None
         }
+        self._factor_dtype = FACTOR_DTYPES[self.options.factor_dtype]
         self._generators: dict[torch.device, torch.Generator] = {}
         self._module_stack: list[str] = []
         self._records: dict[tuple[torch.device, int], _StorageRecord] = {}
@@ -247,11 +248,13 @@ class ActivationCompressor:
         """Factors of ``matrix`` at ``rank``; with ``auto``, at the smallest rank up to ``rank``
         that meets ``max_error``."""
         generator = self._generator(tensor.device) if auto or self.options.method in RANDOMIZED else None
+        dtype = self._factor_dtype_for(matrix)
         if auto:
-            options = {"min_rank": self.options.min_rank, "max_rank": rank, "generator": generator}
+            options = {"min_rank": self.options.min_rank, "max_rank": rank, "generator": generator, "dtype": dtype}
             factorize = functools.partial(adaptive_qb, max_error=self.options.max_error, **options)
         else:
-            options = self._method_options | ({"generator": generator} if generator is not None else {})
+            options = self._method_options | {"dtype": dtype}
+            options |= {"generator": generator} if generator is not None else {}
             factorize = functools.partial(METHODS[self.options.method], rank=rank, **options)
         side_stream = self._side_stream(tensor.device)
         start = time.perf_counter()
@@ -271,6 +274,13 @@ class ActivationCompressor:
         # On a side stream this is the time to launch the work, not to run it.
         self._stats.compress_seconds += time.perf_counter() - start
         return LowRankFactors(**StoredRegion.layout_of(tensor), left=left, right=right, ready=ready)
+
+    def _factor_dtype_for(self, matrix: Tensor) -> torch.dtype:
+        """``factor_dtype`` where it is narrower than the activation's dtype, else the activation's."""
+        dtype = self._factor_dtype
+        if dtype is None or dtype.itemsize >= matrix.dtype.itemsize:
+            return matrix.dtype
+        return dtype
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
         if device.type != "cuda" or not self.options.side_stream:
@@ -298,8 +308,7 @@ class ActivationCompressor:
 def compress_activations(model: nn.Module, **options: Any) -> AbstractContextManager[CompressionStats]:
     """Compress the activations ``model`` saves for backward inside the ``with`` block.
 
-    Takes the options of :class:`~loract_lightning.options.CompressionOptions` (rank, method,
-    min_bytes, layers, checkpoint, seed, power_iters, oversample) and yields the forward's
+    Takes the options of :class:`~loract_lightning.options.CompressionOptions` and yields the forward's
     :class:`~loract_lightning.stats.CompressionStats`. Run backward after the block; the model is
     left exactly as it was.
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from loract_lightning.linalg import METHODS
 from loract_lightning.policy import AUTO, RankPolicy, RankSpec, check_rank
+
+FACTOR_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Allowed ``factor_dtype`` values and the dtype each names."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,12 @@ class CompressionOptions:
         side_stream: on CUDA, factorize on a separate stream so compression overlaps the rest of
             the forward (the activation stays allocated until its factors are done); False runs
             it on the current stream. No effect on the CPU.
+        factor_dtype: ``"bfloat16"`` or ``"float16"``: keep the factors of wider (float32)
+            activations in this dtype. Halves their memory, and the projection ``A Q`` and the
+            rebuild ``L R`` run on the fast units (bfloat16 units of recent CPUs, tensor cores).
+            The basis is still found from the activation in its own dtype; rounding adds about
+            0.3% (bfloat16) to each rebuilt activation's relative error, far below the truncation
+            error. None (default): factors in the activation's dtype, as in the paper.
     """
 
     rank: int | float = 0.125
@@ -58,6 +69,7 @@ class CompressionOptions:
     min_rank: int = 1
     max_rank: int | float = 0.5
     side_stream: bool = True
+    factor_dtype: str | None = None
 
     def __post_init__(self) -> None:
         RankPolicy(self.rank, self.layers or {})  # validates rank and every layers entry
@@ -87,6 +99,8 @@ class CompressionOptions:
             raise ValueError(f"rank='auto' needs method='sampled_qb', got method={self.method!r}")
         if not isinstance(self.side_stream, bool):
             raise TypeError(f"side_stream must be True or False, got {self.side_stream!r}")
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(f"factor_dtype must be one of {list(FACTOR_DTYPES)}, got {self.factor_dtype!r}")
         if isinstance(self.checkpoint, str) or not all(isinstance(c, str) for c in self.checkpoint or ()):
             raise TypeError(
                 f"checkpoint must be a list of module class names or glob patterns, got {self.checkpoint!r}"

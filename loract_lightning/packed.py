@@ -80,6 +80,7 @@ class StoredRegion:
 class LowRankFactors(StoredRegion):
     """``left`` (M x k) @ ``right`` (k x N) approximates the region, viewed as M x N.
 
+    The factors may be narrower than the region (``factor_dtype``): the product is cast back.
     ``ready``: on CUDA, when the factors were computed on a side stream, the event recorded there
     once they were done; rebuilding waits for it on the stream that rebuilds.
     """
@@ -104,7 +105,7 @@ class LowRankFactors(StoredRegion):
             # handed out again before this stream has read them.
             self.left.record_stream(stream)
             self.right.record_stream(stream)
-        return (self.left @ self.right).view(self.size)
+        return (self.left @ self.right).to(self.dtype).view(self.size)
 
 
 @dataclass(eq=False)

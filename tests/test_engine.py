@@ -208,6 +208,35 @@ def test_autocast_bf16_keeps_factor_dtype_and_gradients(known_rank_net):
     assert cosine > 0.999
 
 
+def errors_and_factors(model: nn.Module, x: torch.Tensor, **options) -> tuple[list[float], list[LowRankFactors]]:
+    """One compressed forward + backward: every factorization's relative error and its factors."""
+    compressor = ActivationCompressor(model, min_bytes=0, **options)
+    compressor.track_error = True
+    calls = spy_on_pack(compressor)
+    with compressor.capture() as stats:
+        loss = model(x)
+    loss.backward()
+    errors = [error for module in stats.modules.values() for error in module.errors]
+    factors = [c["packed"].region for c in calls if isinstance(getattr(c["packed"], "region", None), LowRankFactors)]
+    return errors, factors
+
+
+@pytest.mark.parametrize("rank", [LOSSLESS_RANK, 4])
+def test_bfloat16_factors_take_half_the_memory_and_add_only_rounding_error(known_rank_net, rank):
+    x = KnownRankNet.make_input()
+    exact_errors, exact_factors = errors_and_factors(known_rank_net, x, rank=rank)
+    errors, factors = errors_and_factors(known_rank_net, x, rank=rank, factor_dtype="bfloat16")
+    assert factors and all(f.left.dtype == f.right.dtype == torch.bfloat16 for f in factors)
+    assert all(f.dtype == torch.float32 and f.rebuild().dtype == torch.float32 for f in factors)
+    assert sum(f.nbytes for f in factors) * 2 == sum(f.nbytes for f in exact_factors)
+    assert len(errors) == len(exact_errors) > 0
+    # bfloat16 keeps 8 bits of mantissa: each rebuilt value is off by ~2^-9 relative.
+    for error, exact in zip(errors, exact_errors, strict=True):
+        assert abs(error - exact) < 0.01, (errors, exact_errors)
+    if rank == LOSSLESS_RANK:
+        assert max(errors) > 1e-4  # the factors really were rounded (float32 gives ~1e-7)
+
+
 def test_eval_no_grad_and_inference_mode_install_nothing(known_rank_net):
     x = KnownRankNet.make_input()
     known_rank_net.eval()
@@ -283,6 +312,7 @@ def test_layers_override_ranks_and_none_disables(known_rank_net):
         ({"checkpoint": "KnownRankBlock"}, TypeError, "checkpoint must be a list"),
         ({"power_iters": -1}, ValueError, "power_iters must be None or an int >= 0, got -1"),
         ({"keep_row_norms": "yes"}, TypeError, "keep_row_norms must be None, True or False, got 'yes'"),
+        ({"factor_dtype": "int8"}, ValueError, r"factor_dtype must be one of \[None, 'bfloat16', .*got 'int8'"),
     ],
 )
 def test_bad_options_name_the_value_and_what_is_allowed(known_rank_net, options, error, message):

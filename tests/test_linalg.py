@@ -56,6 +56,23 @@ def test_half_precision_keeps_dtype(method, dtype, device):
     assert relative_error(matrix, left, right) < 2e-2
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("shape", [(300, 96), (96, 300)], ids=["tall", "wide"])
+def test_narrower_factor_dtype_adds_only_rounding_error(method, shape):
+    matrix = decaying_matrix(*shape)
+    full = relative_error(matrix, *factorize(method, matrix, 16))
+    left, right = factorize(method, matrix, 16, dtype=torch.bfloat16)
+    assert left.dtype == right.dtype == torch.bfloat16
+    assert relative_error(matrix, left, right) == pytest.approx(full, abs=0.01)
+
+
+def test_adaptive_rank_factor_dtype():
+    matrix = decaying_matrix(300, 96)
+    left, right = adaptive_qb(matrix, 0.2, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    assert left.dtype == right.dtype == torch.bfloat16
+    assert relative_error(matrix, left, right) <= 0.2 + 0.01
+
+
 def test_truncated_svd_is_optimal():
     matrix = decaying_matrix(300, 80)
     singular = torch.linalg.svdvals(matrix)
