@@ -2,8 +2,9 @@
 
 Settings, all on the same model and batch in one process: no compression, PyTorch activation
 checkpointing of every block, ``torch.autograd.graph.save_on_cpu``, LoRAct default mode and
-LoRAct layer mode at ranks 1/16, 1/8 and 1/4 (on CUDA also default mode without the side
-stream). Time is the median step time and its ratio to no compression.
+LoRAct layer mode at ranks 1/16, 1/8 and 1/4, default mode with bfloat16 factors
+(``factor_dtype="bfloat16"``), and on CUDA default mode without the side stream. Time is the
+median step time and its ratio to no compression.
 
 Memory on the CPU is the activation bytes held after the forward (saved bytes of the distinct
 storages, as the engine counts them; ``save_on_cpu`` holds the same bytes there). On CUDA it is
@@ -11,11 +12,13 @@ what the allocator holds after the forward beyond the model and batch (``memory_
 the peak over forward + backward (``max_memory_allocated``), both measured.
 
     python benchmarks/training_step.py [--models llama llama1024 llama-large minilm vit] [--steps 5] [--device cuda]
+        [--settings "none" "LoRAct default*"]   # glob patterns on the setting names (none always runs)
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import statistics
 import time
@@ -55,6 +58,8 @@ def settings(model: torch.nn.Module, block: str, cuda: bool) -> dict[str, tuple[
         layer = ActivationCompressor(model, rank=rank, checkpoint=[block])
         table[f"LoRAct default {label}"] = (default.capture, default)
         table[f"LoRAct layer {label}"] = (layer.capture, layer)
+        narrow = ActivationCompressor(model, rank=rank, factor_dtype="bfloat16")
+        table[f"LoRAct default {label}, bf16 factors"] = (narrow.capture, narrow)
         if cuda:
             inline = ActivationCompressor(model, rank=rank, side_stream=False)
             table[f"LoRAct default {label}, no side stream"] = (inline.capture, inline)
@@ -105,6 +110,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["llama", "llama1024", "minilm", "vit"], choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--settings", nargs="+", default=["*"], help="glob patterns on setting names")
     parser.add_argument("--out", type=Path, default=None, help="default: results/training_step[_cuda].json")
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -119,6 +125,8 @@ def main() -> None:
         name, model, loss_fn = build(args.device)
         baseline = None
         for setting, (context, compressor) in settings(model, block, cuda).items():
+            if setting != "none" and not any(fnmatch.fnmatch(setting, pattern) for pattern in args.settings):
+                continue
             held, peak = memory(context, compressor, loss_fn, model, cuda)
             seconds = step_seconds(context, loss_fn, model, args.steps, cuda)
             baseline = baseline or {"held": held, "peak": peak, "seconds": seconds}
