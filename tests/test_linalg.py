@@ -66,7 +66,7 @@ def test_narrower_factor_dtype_adds_only_rounding_error(method, shape):
     assert relative_error(matrix, left, right) == pytest.approx(full, abs=0.01)
 
 
-def test_adaptive_rank_factor_dtype():
+def test_adaptive_rank_meets_its_target_with_bfloat16_factors():
     matrix = decaying_matrix(300, 96)
     left, right = adaptive_qb(matrix, 0.2, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
     assert left.dtype == right.dtype == torch.bfloat16
