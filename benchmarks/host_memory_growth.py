@@ -1,0 +1,90 @@
+"""Resident memory (RSS) of the process over training steps: uncompressed vs LoRAct, on the CPU.
+
+Fits the MiniLM + LoRA text example for ``--steps`` steps in a fresh subprocess per setting (so
+one setting's heap cannot inflate the next) and prints RSS after the first step, after
+``--warmup`` steps and at the end, and the growth per step after the warm-up. A steady growth
+that the uncompressed run does not show would be memory that LoRAct loses.
+
+    python benchmarks/host_memory_growth.py [--steps 120] [--warmup 20] [--settings none loract loract-bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {
+    "none": None,
+    "loract": {"rank": 0.125, "layers": {"*.attention.self": None}},
+    "loract-bf16": {"rank": 0.125, "layers": {"*.attention.self": None}, "factor_dtype": "bfloat16"},
+}
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def fit_and_record(setting: str, steps: int) -> list[float]:
+    """Runs in the subprocess: RSS after every training step."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+
+    sys.path.insert(0, str(ROOT))
+    from examples.text_classification import DrugReviewsDataModule, TextClassifier
+    from loract_lightning import LoRAct
+
+    class ResidentMemory(Callback):
+        def __init__(self) -> None:
+            self.mib: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.mib.append(resident_mib())
+
+    pl.seed_everything(0, verbose=False)
+    recorder = ResidentMemory()
+    callbacks = [recorder] + ([LoRAct(**SETTINGS[setting])] if SETTINGS[setting] else [])
+    trainer = pl.Trainer(
+        max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+    )  # fmt: skip
+    trainer.fit(TextClassifier(lr=1e-3), DrugReviewsDataModule(batch_size=16, max_length=128))
+    return recorder.mib
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "host_memory_growth.json")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(fit_and_record(args.child, args.steps)))
+        return
+    if args.steps <= args.warmup:
+        raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
+    rows = []
+    print("| setting | RSS after step 1 MiB | after warm-up MiB | at the end MiB | growth per step after warm-up MiB |")
+    print("|---|---|---|---|---|")
+    for setting in args.settings:
+        command = [sys.executable, __file__, "--child", setting, "--steps", str(args.steps)]
+        finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+        if finished.returncode != 0:
+            raise SystemExit(f"{setting} failed:\n{finished.stderr[-3000:]}")
+        mib = json.loads(finished.stdout.strip().splitlines()[-1])
+        growth = (mib[-1] - mib[args.warmup - 1]) / (len(mib) - args.warmup)
+        rows.append({"setting": setting, "rss_mib": mib, "growth_per_step_mib": growth})
+        print(f"| {setting} | {mib[0]:.0f} | {mib[args.warmup - 1]:.0f} | {mib[-1]:.0f} | {growth:.2f} |", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
