@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,11 +24,6 @@ SETTINGS = {
 }
 
 
-def resident_mib() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def fit_and_record(setting: str, steps: int) -> list[float]:
     """Runs in the subprocess: RSS after every training step."""
     import lightning.pytorch as pl
@@ -38,13 +32,14 @@ def fit_and_record(setting: str, steps: int) -> list[float]:
     sys.path.insert(0, str(ROOT))
     from examples.text_classification import DrugReviewsDataModule, TextClassifier
     from loract_lightning import LoRAct
+    from loract_lightning.host_memory import resident_bytes
 
     class ResidentMemory(Callback):
         def __init__(self) -> None:
             self.mib: list[float] = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.mib.append(resident_mib())
+            self.mib.append(resident_bytes() / 2**20)
 
     pl.seed_everything(0, verbose=False)
     recorder = ResidentMemory()

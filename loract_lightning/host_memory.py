@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 
 
 @functools.cache
@@ -31,3 +32,9 @@ def release_free_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+def resident_bytes() -> int:
+    """The process's resident memory (RSS) in bytes, read from ``/proc/self/statm`` (Linux only)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

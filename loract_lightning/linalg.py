@@ -222,7 +222,6 @@ def truncated_svd(matrix: Tensor, rank: int, dtype: torch.dtype | None = None) -
     Args:
         matrix: the 2-D matrix ``A`` (M x N) to factorize.
         rank: target rank ``k``; clamped to ``min(M, N)``.
-
         dtype: dtype of the factors (default ``matrix.dtype``).
 
     Returns:

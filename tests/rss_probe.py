@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import sys
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loract_lightning import compress_activations
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from loract_lightning.host_memory import resident_bytes
 
 
 def main() -> None:
