@@ -147,7 +147,17 @@ class ActivationCompressor:
     # -- the hook pair -------------------------------------------------------------------------
 
     def pack(self, tensor: Tensor) -> Tensor | PackedTensor:
-        """Called by autograd for every tensor it saves; returns the tensor or a packed form."""
+        """Called by autograd for every tensor it saves; returns it detached, or a packed form.
+
+        A tensor kept raw is returned detached: autograd also hands the hook the outputs an op
+        saves (tanh, softmax, ...), and holding one with its ``grad_fn`` makes a reference cycle
+        through autograd's C++ graph that Python's gc cannot see. A branch that backward never
+        runs through (BERT's pooler under a loss on the hidden states) would then never be freed.
+        """
+        packed = self._pack(tensor)
+        return packed.detach() if isinstance(packed, Tensor) else packed
+
+    def _pack(self, tensor: Tensor) -> Tensor | PackedTensor:
         stats = self._stats
         if torch._C._current_graph_task_id() != -1:
             # Saved during backward (a recompute): it lives only until backward ends.

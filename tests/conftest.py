@@ -73,7 +73,7 @@ def run_and_backward(model: nn.Module, loss_fn, seed: int = 0, **compress_option
 
 
 def spy_on_pack(compressor: ActivationCompressor) -> list[dict]:
-    """Record, for every pack call, which module ran and what the hook returned."""
+    """Record, for every pack call, which module ran, what the hook returned and whether it kept the tensor raw."""
     calls = []
     original = compressor.pack
 
@@ -84,6 +84,10 @@ def spy_on_pack(compressor: ActivationCompressor) -> list[dict]:
                 "module": compressor._module_stack[-1] if compressor._module_stack else "",
                 "tensor": tensor,
                 "packed": packed,
+                # Kept raw: the hook returned the tensor itself, detached (same memory, same view).
+                "kept_raw": isinstance(packed, torch.Tensor)
+                and packed.data_ptr() == tensor.data_ptr()
+                and packed.stride() == tensor.stride(),
             }
         )
         return packed

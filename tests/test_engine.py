@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,7 +88,7 @@ def test_parameters_and_masks_are_never_factorized(known_rank_net):
     parameter_storages |= {b.untyped_storage().data_ptr() for b in known_rank_net.buffers()}
     for call in calls:
         if call["tensor"].untyped_storage().data_ptr() in parameter_storages:
-            assert call["packed"] is call["tensor"]
+            assert call["kept_raw"]
     masks = [c["packed"].region for c in calls if c["module"] == "dropout"]
     assert masks and all(isinstance(region, TwoValuedMask) for region in masks)
     assert stats.masks == len(masks) and stats.kept["parameter"] > 0
@@ -155,6 +158,27 @@ def test_double_backward_through_rebuilt_activations():
     torch.testing.assert_close(grad_x, expected_grad_x, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("compress", [True, False])
+def test_a_branch_that_backward_never_reaches_is_freed(compress):
+    # BertModel's pooler runs in every forward; a loss on the hidden states never backpropagates
+    # through it, so nothing but its outputs keeps its graph alive. tanh saves its own output:
+    # a hook that held that tensor (and so its grad_fn) would keep the branch alive forever.
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128, vocab_size=100
+    )
+    model = transformers.BertModel(config).train()
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    with compress_activations(model, rank=4, min_bytes=0, compress=compress) as stats:
+        output = model(input_ids=ids)
+    pooled = weakref.ref(output.pooler_output)
+    output.last_hidden_state.sum().backward()
+    del output
+    gc.collect()
+    assert sum(stats.kept.values()) > 0
+    assert pooled() is None
+
+
 def test_non_contiguous_saved_tensors_are_rebuilt_with_their_strides():
     class TransposedProduct(nn.Module):
         def __init__(self):
@@ -202,7 +226,7 @@ def test_autocast_bf16_keeps_factor_dtype_and_gradients(known_rank_net):
     weight_saves = [
         c for c in calls if c["tensor"].dtype == torch.bfloat16 and c["tensor"].shape in {(128, 256), (256, 128)}
     ]
-    assert weight_saves and all(c["packed"] is c["tensor"] for c in weight_saves)
+    assert weight_saves and all(c["kept_raw"] for c in weight_saves)
     assert stats.compressed > 0
     cosine = F.cosine_similarity(actual, expected, dim=0)
     assert cosine > 0.999
