@@ -41,9 +41,17 @@ def _gram_columns(matrix: Tensor, columns: Tensor) -> Tensor:
 
     The columns are gathered in increasing order with ``index_select``: on the CPU that is 10-20x
     faster than ``A[:, columns]`` (measured on 2048 x 1536, 192 columns: 0.15 vs 2.2 ms), and the
-    order of the columns does not change the space they span.
+    order of the columns does not change the space they span. A column-major ``A`` (the
+    transpose of a wide activation, such as logits) is gathered as rows of its row-major
+    transpose: a column gather across its strides was ~130x slower (1024 x 32000 logits,
+    128 columns: 114 vs 0.9 ms).
     """
-    return matrix.T @ matrix.index_select(1, columns.sort().values)
+    columns = columns.sort().values
+    if matrix.stride(0) == 1 and matrix.stride(1) != 1:
+        sampled = matrix.T.index_select(0, columns).T
+    else:
+        sampled = matrix.index_select(1, columns)
+    return matrix.T @ sampled
 
 
 def _orthonormal_basis(sketch: Tensor) -> Tensor:

@@ -105,6 +105,18 @@ def test_randomness_comes_only_from_the_given_generator(method):
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
+@pytest.mark.parametrize("shape", [(200, 64), (64, 200)], ids=["tall", "wide"])
+def test_sampled_qb_does_not_depend_on_the_memory_layout(shape):
+    # A wide activation is factorized through its (column-major) transpose, whose columns are
+    # gathered as rows: the same columns, so the same factors as from a row-major copy.
+    matrix = decaying_matrix(*shape)
+    column_major = matrix.T.contiguous().T
+    expected = factorize("sampled_qb", matrix, 8)
+    actual = factorize("sampled_qb", column_major, 8)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
 def test_sampled_qb_returns_orthonormal_right_factor():
     _, right = sampled_qb(decaying_matrix(200, 64), 8, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(right @ right.T, torch.eye(8), atol=1e-5, rtol=0)

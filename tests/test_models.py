@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPORT, run_and_backward, spy_on_pack
 
 from loract_lightning import ActivationCompressor
-from loract_lightning.packed import LowRankFactors, PackedTensor
+from loract_lightning.packed import LowRankFactors, PackedTensor, StoredRegion
 
 pytestmark = pytest.mark.slow
 
@@ -102,3 +104,30 @@ def test_layer_mode_keeps_only_block_inputs_compressed(real_model):
     assert sorted(call["module"] for call in compressed) == sorted(block_names)
     assert not any(call["module"].startswith(tuple(f"{b}." for b in block_names)) for call in calls)
     assert stats.compressed == len(block_names), f"{name}: {stats}"
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])  # timm's ViT shares no saved storage (fused qkv)
+def test_views_of_one_region_share_one_rebuild_per_backward(name, request, monkeypatch):
+    model, loss_fn, _ = request.getfixturevalue(name)
+    rebuilds = collections.Counter()
+    rebuild = StoredRegion.rebuild
+
+    def counted(region):
+        rebuilds[id(region)] += 1
+        return rebuild(region)
+
+    monkeypatch.setattr(StoredRegion, "rebuild", counted)
+    compressor = ActivationCompressor(model, rank=RANK, min_bytes=MIN_BYTES)
+    calls = spy_on_pack(compressor)
+    with compressor.capture():
+        loss = loss_fn()
+    views = [c["packed"] for c in calls if isinstance(c["packed"], PackedTensor)]
+    regions = {id(view.region): view.region for view in views}
+    assert len(views) > len(regions), f"{name}: no region is shared, nothing to test"
+    loss.backward(retain_graph=True)
+    assert rebuilds == dict.fromkeys(regions, 1)
+    assert all(region._shared_rebuild is None for region in regions.values()), "a rebuild outlived its views"
+    # A repeated backward rebuilds once per view and keeps nothing.
+    loss.backward()
+    assert sum(rebuilds.values()) == len(regions) + len(views)
+    assert all(region._shared_rebuild is None for region in regions.values())
