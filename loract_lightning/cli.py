@@ -25,7 +25,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 
 class _DropLightningTips(logging.Filter):
@@ -56,12 +56,15 @@ def main(args: list[str] | None = None) -> None:
     build_cli(args)
 
 
-def build_cli(args: list[str] | None, run: bool = True) -> LightningCLI:
+def build_cli(args: list[str] | None, run: bool = True, save_config: bool = True) -> LightningCLI:
+    """The LightningCLI of ``loract``; ``save_config=False`` writes no ``config.yaml`` (Lightning
+    writes it to the log dir, which is the working directory of a logger-less run)."""
     return LightningCLI(
         args=args,
         run=run,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=SaveConfigCallback if save_config else None,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
@@ -105,7 +108,8 @@ def profile(args: list[str]) -> None:
         parser.error("--config is required: the YAML of the run to profile")
     # `profile` builds the run from these arguments, not from the command line LightningCLI sees.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    cli = build_cli([*rest, *overrides], run=False)
+    # A profiling run is not a run to reproduce: no config.yaml in the working directory.
+    cli = build_cli([*rest, *overrides], run=False, save_config=False)
     trainer = cli.trainer
     loract = next((c for c in trainer.callbacks if isinstance(c, LoRAct)), None)
     # The profiler hooks the model itself; the run's own LoRAct / monitor would hook it twice.

@@ -102,8 +102,11 @@ def test_bad_input_names_the_value(profile, call, message):
 @pytest.mark.slow
 def test_profile_command_writes_a_layers_block_that_loads_back(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
+    saved_config = ROOT / "config.yaml"  # what LightningCLI would save for a logger-less run
+    saved_config.unlink(missing_ok=True)
     config = ROOT / "configs" / "vision_loract.yaml"
     main(["profile", "--config", str(config), "--batches", "1", "--max_error", "0.3", f"--output_dir={tmp_path}"])
+    assert not saved_config.exists(), "loract profile wrote the run's config.yaml into the working directory"
     printed = capsys.readouterr().out
     assert "layers:" in printed
     for name in ("rank_profile.json", "rank_profile.png", "loract_layers.yaml"):
