@@ -6,8 +6,10 @@ the second batch, at k = N/8, it compares with plain sampled QB (time, relative 
 
 - *subspace reuse*: the basis ``Q`` computed on the first batch's activation of the same module
   is reused, so only ``L = A Q`` is computed (half the flops, no QR);
-- *row sampling*: the Gram columns are estimated from a quarter of the rows (tokens),
-  ``Y = A[R]^T A[R, S]``, then ``L = A Q`` as usual;
+- *row sampling*: the Gram columns are estimated from a quarter (``row_sampled``) or half
+  (``row_sampled_half``) of the rows (tokens), ``Y = A[R]^T A[R, S]``, then ``L = A Q`` as usual;
+- *sampled columns as the basis*: ``Q = qr(A[:, S])`` spans the sampled columns themselves and
+  the factors are ``Q, Q^T A`` (no Gram product: two thirds of the flops, rebuild included);
 - *bfloat16 sketch*: sampled QB on the activation cast to bfloat16 (QR still in float32), the
   factors cast back; the time includes both casts;
 - *bfloat16 factors* (``factor_dtype="bfloat16"``): the sketch in float32, only the projection
@@ -30,7 +32,7 @@ from models import minilm
 from loract_lightning import ActivationCompressor
 from loract_lightning.linalg import relative_error, sampled_qb
 
-SKETCHES = ("reuse", "row_sampled", "bfloat16_sketch", "bfloat16_factors")
+SKETCHES = ("reuse", "row_sampled", "row_sampled_half", "column_basis", "bfloat16_sketch", "bfloat16_factors")
 """The cheaper sketches compared with plain sampled QB."""
 
 
@@ -48,12 +50,20 @@ def reuse_basis(matrix: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor
     return matrix @ basis, basis.T
 
 
-def row_sampled_qb(matrix: torch.Tensor, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.randperm(matrix.shape[0], generator=generator)[: matrix.shape[0] // 4]
+def row_sampled_qb(
+    matrix: torch.Tensor, rank: int, generator: torch.Generator, row_fraction: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.randperm(matrix.shape[0], generator=generator)[: round(matrix.shape[0] * row_fraction)]
     columns = torch.randperm(matrix.shape[1], generator=generator)[:rank]
     sample = matrix[rows]
     basis = torch.linalg.qr((sample.T @ sample[:, columns]).float()).Q.to(matrix.dtype)
     return matrix @ basis, basis.T
+
+
+def column_basis(matrix: torch.Tensor, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    columns = torch.randperm(matrix.shape[1], generator=generator)[:rank]
+    basis = torch.linalg.qr(matrix[:, columns].float()).Q.to(matrix.dtype)
+    return basis, basis.T @ matrix
 
 
 def bfloat16_sketch_qb(
@@ -96,7 +106,9 @@ def main() -> None:
         candidates = {
             "sampled_qb": lambda m=matrix, k=rank: sampled_qb(m, k, generator=generator),
             "reuse": lambda m=matrix, b=old_basis: reuse_basis(m, b),
-            "row_sampled": lambda m=matrix, k=rank: row_sampled_qb(m, k, generator),
+            "row_sampled": lambda m=matrix, k=rank: row_sampled_qb(m, k, generator, 0.25),
+            "row_sampled_half": lambda m=matrix, k=rank: row_sampled_qb(m, k, generator, 0.5),
+            "column_basis": lambda m=matrix, k=rank: column_basis(m, k, generator),
             "bfloat16_sketch": lambda m=matrix, k=rank: bfloat16_sketch_qb(m, k, generator),
             "bfloat16_factors": lambda m=matrix, k=rank: sampled_qb(m, k, generator=generator, dtype=torch.bfloat16),
         }

@@ -3,17 +3,22 @@
 Fits the MiniLM + LoRA text example for ``--steps`` steps in a fresh subprocess per setting (so
 one setting's heap cannot inflate the next) and prints RSS after the first step, after
 ``--warmup`` steps and at the end, and the growth per step after the warm-up. A steady growth
-that the uncompressed run does not show would be memory that LoRAct loses.
+that the uncompressed run does not show would be memory that LoRAct loses. ``loract-no-trim``
+turns off the ``malloc_trim`` the callback runs after each CPU step, to show whether it is needed.
 
-    python benchmarks/host_memory_growth.py [--steps 120] [--warmup 20] [--settings none loract loract-bf16]
+    python benchmarks/host_memory_growth.py [--steps 120] [--warmup 20]
+        [--settings none loract loract-bf16 loract-no-trim]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,22 +26,31 @@ SETTINGS = {
     "none": None,
     "loract": {"rank": 0.125, "layers": {"*.attention.self": None}},
     "loract-bf16": {"rank": 0.125, "layers": {"*.attention.self": None}, "factor_dtype": "bfloat16"},
+    "loract-no-trim": {"rank": 0.125, "layers": {"*.attention.self": None}},
 }
 
 
-def fit_and_record(setting: str, steps: int) -> list[float]:
-    """Runs in the subprocess: RSS after every training step."""
+def fit_and_record(setting: str, steps: int) -> dict[str, list[float]]:
+    """Runs in the subprocess: RSS after every training step, and the time from one batch's start
+    to the next (so it includes the callback's ``malloc_trim``)."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
 
     sys.path.insert(0, str(ROOT))
     from examples.text_classification import DrugReviewsDataModule, TextClassifier
-    from loract_lightning import LoRAct
+    from loract_lightning import LoRAct, callback
     from loract_lightning.host_memory import resident_bytes
+
+    if setting == "loract-no-trim":
+        callback.release_free_memory = lambda: False
 
     class ResidentMemory(Callback):
         def __init__(self) -> None:
             self.mib: list[float] = []
+            self.batch_starts: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.batch_starts.append(time.perf_counter())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.mib.append(resident_bytes() / 2**20)
@@ -49,7 +63,8 @@ def fit_and_record(setting: str, steps: int) -> list[float]:
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )  # fmt: skip
     trainer.fit(TextClassifier(lr=1e-3), DrugReviewsDataModule(batch_size=16, max_length=128))
-    return recorder.mib
+    starts = recorder.batch_starts
+    return {"rss_mib": recorder.mib, "step_seconds": [b - a for a, b in itertools.pairwise(starts)]}
 
 
 def main() -> None:
@@ -66,17 +81,24 @@ def main() -> None:
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     rows = []
-    print("| setting | RSS after step 1 MiB | after warm-up MiB | at the end MiB | growth per step after warm-up MiB |")
-    print("|---|---|---|---|---|")
+    print(
+        "| setting | RSS after step 1 MiB | after warm-up MiB | at the end MiB "
+        "| growth per step after warm-up MiB | median step s |"
+    )
+    print("|---|---|---|---|---|---|")
     for setting in args.settings:
         command = [sys.executable, __file__, "--child", setting, "--steps", str(args.steps)]
         finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
         if finished.returncode != 0:
             raise SystemExit(f"{setting} failed:\n{finished.stderr[-3000:]}")
-        mib = json.loads(finished.stdout.strip().splitlines()[-1])
+        recorded = json.loads(finished.stdout.strip().splitlines()[-1])
+        mib = recorded["rss_mib"]
         growth = (mib[-1] - mib[args.warmup - 1]) / (len(mib) - args.warmup)
-        rows.append({"setting": setting, "rss_mib": mib, "growth_per_step_mib": growth})
-        print(f"| {setting} | {mib[0]:.0f} | {mib[args.warmup - 1]:.0f} | {mib[-1]:.0f} | {growth:.2f} |", flush=True)
+        step_seconds = statistics.median(recorded["step_seconds"][args.warmup :])
+        rows.append({"setting": setting, **recorded, "growth_per_step_mib": growth, "median_step_s": step_seconds})
+        cells = [f"{value:.0f}" for value in (mib[0], mib[args.warmup - 1], mib[-1])]
+        cells += [f"{growth:.2f}", f"{step_seconds:.3f}"]
+        print(f"| {setting} | " + " | ".join(cells) + " |", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2))
 

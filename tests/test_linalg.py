@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loract_lightning.linalg import METHODS, adaptive_qb, randomized_svd, relative_error, sampled_qb, truncated_svd
+from loract_lightning.linalg import (
+    METHODS,
+    _orthonormal_basis,
+    _shifted_cholesky_qr,
+    adaptive_qb,
+    randomized_svd,
+    relative_error,
+    sampled_qb,
+    truncated_svd,
+)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -120,6 +129,32 @@ def test_sampled_qb_does_not_depend_on_the_memory_layout(shape):
 def test_sampled_qb_returns_orthonormal_right_factor():
     _, right = sampled_qb(decaying_matrix(200, 64), 8, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(right @ right.T, torch.eye(8), atol=1e-5, rtol=0)
+
+
+def conditioned_sketch(rows: int, cols: int, condition: float, rank: int | None = None) -> torch.Tensor:
+    """A rows x cols matrix with singular values spread geometrically from 1 to 1/condition;
+    with ``rank``, all but the first ``rank`` of them are zero."""
+    generator = torch.Generator().manual_seed(0)
+    left, _ = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(cols, cols, generator=generator, dtype=torch.float64))
+    singular = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), cols, dtype=torch.float64)
+    if rank is not None:
+        singular[rank:] = 0
+    return ((left * singular) @ right.T).float()
+
+
+@pytest.mark.parametrize(
+    ("condition", "rank", "cholesky_used"),
+    [(1.0, None, True), (1e3, None, True), (1e6, None, False), (10.0, 10, False), (1.0, 0, False)],
+)
+def test_orthonormal_basis_spans_the_sketch_with_cholesky_or_its_fallback(condition, rank, cholesky_used):
+    sketch = conditioned_sketch(1536, 192, condition, rank)
+    assert (_shifted_cholesky_qr(sketch) is not None) == cholesky_used
+    basis = _orthonormal_basis(sketch)
+    assert basis.shape == sketch.shape
+    torch.testing.assert_close(basis.T @ basis, torch.eye(192), atol=1e-5, rtol=0)
+    leftover = torch.linalg.matrix_norm(sketch - basis @ (basis.T @ sketch))
+    assert leftover <= 1e-5 * max(float(torch.linalg.matrix_norm(sketch)), 1.0)
 
 
 @pytest.mark.parametrize(
