@@ -11,7 +11,6 @@ from typing_extensions import override
 
 from loract_lightning.capture_callback import StepCaptureCallback
 from loract_lightning.context import ActivationCompressor
-from loract_lightning.host_memory import release_free_memory
 from loract_lightning.options import CompressionOptions
 from loract_lightning.policy import AUTO, RankSpec
 from loract_lightning.stats import CompressionStats
@@ -145,8 +144,6 @@ class LoRAct(StepCaptureCallback):
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._log_step(trainer)
-        if trainer.strategy.root_device.type == "cpu":
-            release_free_memory()  # see loract_lightning.host_memory: glibc keeps freed factors otherwise
 
     # -- logging -----------------------------------------------------------------------------
 

@@ -1,10 +1,12 @@
-"""Give freed CPU memory back to the operating system (glibc).
+"""Resident memory of the process, and giving freed CPU memory back to the OS (glibc).
 
-On the CPU, compression allocates factors of many different sizes every step. glibc's malloc
-keeps freed blocks of the size it last returned with ``munmap`` in its heap instead, and the
-heap fragments: on MiniLM + LoRA the process grew by ~100 MB per training step (24 GB in a
-10-epoch run) without holding more tensors. ``malloc_trim(0)`` after each step returns the free
-pages; measured on the same run: resident memory flat at ~1.15 GB, step time unchanged.
+Compression allocates factors of many sizes, and glibc's malloc keeps freed blocks in its heap.
+An early version grew by ~100 MB per MiniLM + LoRA step; the LoRAct callback then called
+``malloc_trim(0)`` after every CPU step. Since the reference-cycle leak was fixed (see
+``ActivationCompressor.pack``), resident memory stays flat without it (0.11 MiB per step over 120
+steps, ``python benchmarks/host_memory_growth.py``), while the call cost ~160 ms a step (13%),
+so the callback no longer makes it. :func:`release_free_memory` stays for loops whose resident
+memory does grow.
 """
 
 from __future__ import annotations
