@@ -17,15 +17,12 @@ import time
 
 import torch
 from models import MODELS
+from training_step import run_step
 
 from loract_lightning import ActivationCompressor, linalg
 from loract_lightning.policy import resolve_rank
 
 RANK = 0.125
-
-
-def householder(sketch: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(sketch.float(), mode="reduced").Q
 
 
 def milliseconds(function, repeats: int = 3) -> float:
@@ -50,10 +47,10 @@ def compare_bases(model, loss_fn) -> str:
         rank = resolve_rank(RANK, *matrix.shape)
         columns = torch.randperm(matrix.shape[1], generator=generator)[:rank]
         sketch = linalg._gram_columns(matrix, columns).float()
-        reference = householder(sketch)
+        reference = linalg._householder_qr(sketch)
         basis = linalg._shifted_cholesky_qr(sketch)
         cholesky_ms += milliseconds(lambda s=sketch: linalg._orthonormal_basis(s))
-        householder_ms += milliseconds(lambda s=sketch: householder(s))
+        householder_ms += milliseconds(lambda s=sketch: linalg._householder_qr(s))
         if basis is None:
             fallbacks += 1
             continue
@@ -75,11 +72,8 @@ def alternating_steps(model, loss_fn, steps: int) -> dict[str, float]:
         for step in range(steps + 2):  # two warm-up rounds
             for key, times_of_key in times.items():
                 linalg._shifted_cholesky_qr = cholesky if key == "cholesky" else (lambda sketch: None)
-                model.zero_grad(set_to_none=True)
                 start = time.perf_counter()
-                with compressor.capture():
-                    loss = loss_fn()
-                loss.backward()
+                run_step(compressor.capture, loss_fn, model)
                 if step >= 2:
                     times_of_key.append(time.perf_counter() - start)
     finally:

@@ -33,7 +33,7 @@ SETTINGS = {
 
 def fit_and_record(setting: str, steps: int) -> dict[str, list[float]]:
     """Runs in the subprocess: RSS after every training step, and the time from one batch's start
-    to the next (so it includes the callback's ``malloc_trim``)."""
+    to the next (so it includes the ``malloc_trim`` of ``loract-trim``)."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
 

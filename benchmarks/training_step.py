@@ -100,25 +100,27 @@ def memory(context: Context, compressor: ActivationCompressor, loss_fn, model, c
     return held, torch.cuda.max_memory_allocated() - start
 
 
-def step_flops(context: Context, loss_fn, model) -> int:
+def run_step(context: Context, loss_fn, model) -> None:
+    """One training step: the forward under ``context``, then backward."""
     model.zero_grad(set_to_none=True)
+    with context():
+        loss = loss_fn()
+    loss.backward()
+
+
+def step_flops(context: Context, loss_fn, model) -> int:
     with FlopCounterMode(display=False) as counter:
-        with context():
-            loss = loss_fn()
-        loss.backward()
+        run_step(context, loss_fn, model)
     return counter.get_total_flops()
 
 
 def step_seconds(context: Context, loss_fn, model, steps: int, cuda: bool) -> float:
     times = []
     for _ in range(steps + 2):  # the first two steps warm up
-        model.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with context():
-            loss = loss_fn()
-        loss.backward()
+        run_step(context, loss_fn, model)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

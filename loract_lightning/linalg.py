@@ -76,7 +76,12 @@ def _orthonormal_basis(sketch: Tensor) -> Tensor:
         basis = _shifted_cholesky_qr(sketch)
         if basis is not None:
             return basis
-    return torch.linalg.qr(sketch, mode="reduced").Q
+    return _householder_qr(sketch)
+
+
+def _householder_qr(sketch: Tensor) -> Tensor:
+    """The Q of Householder QR (LAPACK / cuSOLVER) of ``sketch``, in float32."""
+    return torch.linalg.qr(sketch.float(), mode="reduced").Q
 
 
 def _shifted_cholesky_qr(sketch: Tensor) -> Tensor | None:
@@ -92,18 +97,18 @@ def _shifted_cholesky_qr(sketch: Tensor) -> Tensor | None:
     """
     rows, cols = sketch.shape
     unit_roundoff = torch.finfo(torch.float32).eps / 2
-    shift = 11 * (rows * cols + cols * (cols + 1)) * unit_roundoff * float(sketch.square().sum())
     basis = sketch
     for step in range(3):
         gram = basis.T @ basis
         if step == 0:
-            gram.diagonal().add_(shift)
+            # The trace of Y^T Y is ||Y||_F^2: no extra pass over the sketch.
+            gram.diagonal().add_(11 * (rows * cols + cols * (cols + 1)) * unit_roundoff * gram.trace())
         factor, info = torch.linalg.cholesky_ex(gram, upper=True)
         if info.item() != 0:
             return None
         basis = torch.linalg.solve_triangular(factor, basis, upper=True, left=False)
     # Accepted bases measured ~1e-6 from orthonormal; a failed one is far off.
-    if float((basis.T @ basis - torch.eye(cols)).abs().max()) > 1e-4:
+    if float((basis.T @ basis - torch.eye(cols, device=basis.device)).abs().max()) > 1e-4:
         return None
     return basis
 
