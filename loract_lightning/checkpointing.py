@@ -22,16 +22,18 @@ def select_modules(model: nn.Module, targets: Sequence[str]) -> tuple[dict[str, 
 
     A target is a class name (``"LlamaDecoderLayer"``) or a glob on qualified names
     (``"encoder.layer.*"``); one that matches nothing raises a ValueError. A match that already
-    runs under checkpointing is not wrapped twice: under a torch ``CheckpointWrapper`` (what
-    Lightning's FSDP ``activation_checkpointing_policy`` applies) its wrapper is returned in the
-    second dict, since that wrapper saves the inputs through saved-tensor hooks and they can still
-    be compressed; under a transformers model's own gradient checkpointing it is skipped. Both
-    cases warn.
+    runs under checkpointing is not wrapped twice: its checkpointing ancestor (a torch
+    ``CheckpointWrapper``, what Lightning's FSDP ``activation_checkpointing_policy`` applies, or a
+    transformers layer under ``gradient_checkpointing_enable()``) is returned in the second dict,
+    since both save the layer's inputs through saved-tensor hooks while the layer's forward hooks
+    run, so they are compressed like those of a module LoRAct wraps. A warning says so. A model
+    that checkpoints its layers from its own forward loop (older transformers) raises a
+    ValueError: the inputs it saves cannot be told apart from the rest.
     """
     to_wrap: dict[str, nn.Module] = {}
     existing: dict[str, nn.Module] = {}
     matched = dict.fromkeys(targets, False)
-    skipped = []
+    looping = []
     for name, module in model.named_modules():
         hits = [t for t in targets if type(module).__name__ == t or (name and fnmatch.fnmatchcase(name, t))]
         if not hits:
@@ -42,10 +44,10 @@ def select_modules(model: nn.Module, targets: Sequence[str]) -> tuple[dict[str, 
         checkpointing_ancestor = _checkpointing_ancestor(model, name)
         if checkpointing_ancestor is None:
             to_wrap[name] = module
-        elif type(model.get_submodule(checkpointing_ancestor)).__name__ == "CheckpointWrapper":
+        elif _checkpoints_its_own_forward(model.get_submodule(checkpointing_ancestor)):
             existing[checkpointing_ancestor] = model.get_submodule(checkpointing_ancestor)
         else:
-            skipped.append(name)
+            looping.append(checkpointing_ancestor)
     missing = [target for target, hit in matched.items() if not hit]
     if missing:
         classes = sorted({type(m).__name__ for m in model.modules()})[:8]
@@ -54,30 +56,84 @@ def select_modules(model: nn.Module, targets: Sequence[str]) -> tuple[dict[str, 
             f"checkpoint target(s) {missing} match no module of {type(model).__name__}; "
             f"give class names such as {classes} or globs on names such as {names}"
         )
+    if looping:
+        raise ValueError(
+            f"checkpoint target(s) {targets} run under the gradient checkpointing of {sorted(set(looping))[:2]}, "
+            "which checkpoints its layers from its own forward; call model.gradient_checkpointing_disable() "
+            "and let LoRAct's layer mode checkpoint them"
+        )
     if existing:
         warnings.warn(
-            f"LoRAct: {len(existing)} module(s) already run under a CheckpointWrapper (e.g. {list(existing)[:2]}); "
-            "not wrapping them again, their saved inputs are compressed",
-            stacklevel=3,
-        )
-    if skipped:
-        warnings.warn(
-            f"LoRAct: skipping {len(skipped)} module(s) under the model's own gradient checkpointing "
-            f"(e.g. {skipped[:2]}); their inputs stay raw. Turn it off to use layer mode on them.",
+            f"LoRAct: {len(existing)} module(s) already run under activation checkpointing "
+            f"(e.g. {list(existing)[:2]}); not wrapping them again, their saved inputs are compressed (layer mode)",
             stacklevel=3,
         )
     return to_wrap, existing
 
 
 def _checkpointing_ancestor(model: nn.Module, name: str) -> str | None:
-    """Name of the outermost module on the path to ``name`` that runs activation checkpointing."""
+    """Name of the outermost module on the path to ``name`` (itself included) under whose
+    activation checkpointing ``name`` runs, or None."""
     parts = name.split(".") if name else []
+    own_layers = any(_is_transformers_layer(m) for m in model.modules())
     module = model
     for depth in range(len(parts) + 1):
         if depth:
             module = module.get_submodule(parts[depth - 1])
-        if type(module).__name__ == "CheckpointWrapper" or getattr(module, "gradient_checkpointing", False):
+        if _checkpoints_its_own_forward(module):
             return ".".join(parts[:depth])
+        # Older transformers: the model's flag makes its forward loop checkpoint each layer.
+        if getattr(module, "gradient_checkpointing", False) and not own_layers:
+            return ".".join(parts[:depth])
+    return None
+
+
+def _is_transformers_layer(module: nn.Module) -> bool:
+    return any(cls.__name__ == "GradientCheckpointingLayer" for cls in type(module).__mro__)
+
+
+def _checkpoints_its_own_forward(module: nn.Module) -> bool:
+    """A CheckpointWrapper, or a transformers ``GradientCheckpointingLayer`` with checkpointing on
+    (transformers >= 5 checkpoints the layer's ``forward`` inside its ``__call__``)."""
+    if type(module).__name__ == "CheckpointWrapper":
+        return True
+    return _is_transformers_layer(module) and bool(getattr(module, "gradient_checkpointing", False))
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_value", "past_key_values", "layer_past")
+"""Keyword arguments through which transformers layers receive a KV cache (by version and model);
+a transformers ``Cache`` object is recognised in any argument, positional ones included (GPT-2)."""
+
+
+def without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` with the KV cache off: a recompute would write its keys and values a
+    second time (keys doubled in backward).
+
+    Raises a ValueError for a cache that already holds states (a prefix): the checkpointed
+    module reads them, and dropping them would change its output.
+    """
+    args = tuple(_no_cache(value, f"argument {i}") if _is_cache(value) else value for i, value in enumerate(args))
+    kwargs = {
+        key: _no_cache(value, key) if value is not None and (key in CACHE_ARGUMENTS or _is_cache(value)) else value
+        for key, value in kwargs.items()
+    }
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
+def _is_cache(value: object) -> bool:
+    return not isinstance(value, Tensor) and hasattr(value, "get_seq_length")
+
+
+def _no_cache(cache: object, where: str) -> None:
+    length = cache.get_seq_length() if _is_cache(cache) else None
+    if length != 0:
+        raise ValueError(
+            f"layer mode cannot checkpoint a module that reads a KV cache holding states ({where}, "
+            f"length {length}): its recompute in backward would see a different cache. Train without a "
+            "prefilled cache, or leave this module out of `checkpoint`."
+        )
     return None
 
 
@@ -101,6 +157,7 @@ def _checkpointed_forward(forward):
     def run(*args, **kwargs):
         # Tensor keyword arguments are moved into the positional ones: checkpoint saves only
         # positional tensors through saved-tensor hooks (keyword ones it keeps by reference).
+        args, kwargs = without_cache(args, kwargs)
         tensor_keys = [key for key, value in kwargs.items() if isinstance(value, Tensor)]
         other_kwargs = {key: value for key, value in kwargs.items() if key not in tensor_keys}
         num_args = len(args)

@@ -26,7 +26,7 @@ from loract_lightning import policy
 from loract_lightning.checkpointing import checkpointed, select_modules
 from loract_lightning.linalg import METHODS, RANDOMIZED, adaptive_qb, keep_row_norms, relative_error
 from loract_lightning.options import FACTOR_DTYPES, CompressionOptions
-from loract_lightning.packed import LowRankFactors, PackedTensor, StoredRegion, TwoValuedMask
+from loract_lightning.packed import LowRankFactors, PackedTensor, RawTensor, StoredRegion, TwoValuedMask
 from loract_lightning.policy import ParameterIndex, RankPolicy, RankSpec
 from loract_lightning.stats import CompressionStats
 
@@ -146,16 +146,18 @@ class ActivationCompressor:
 
     # -- the hook pair -------------------------------------------------------------------------
 
-    def pack(self, tensor: Tensor) -> Tensor | PackedTensor:
-        """Called by autograd for every tensor it saves; returns it detached, or a packed form.
+    def pack(self, tensor: Tensor) -> RawTensor | PackedTensor:
+        """Called by autograd for every tensor it saves; returns it kept raw, or a packed form.
 
-        A tensor kept raw is returned detached: autograd also hands the hook the outputs an op
+        A tensor kept raw is stored detached: autograd also hands the hook the outputs an op
         saves (tanh, softmax, ...), and holding one with its ``grad_fn`` makes a reference cycle
         through autograd's C++ graph that Python's gc cannot see. A branch that backward never
         runs through (BERT's pooler under a loss on the hidden states) would then never be freed.
+        Both forms remember the tensor's version, so an in-place write after the save raises at
+        unpack, as it does without hooks.
         """
         packed = self._pack(tensor)
-        return packed.detach() if isinstance(packed, Tensor) else packed
+        return RawTensor(packed.detach(), tensor._version) if isinstance(packed, Tensor) else packed
 
     def _pack(self, tensor: Tensor) -> Tensor | PackedTensor:
         stats = self._stats
@@ -196,6 +198,8 @@ class ActivationCompressor:
             if self.observer is not None:
                 self.observer(module_name, matrix)
             region = self._factorize(tensor, matrix, rank, module_name, auto=rank_spec == policy.AUTO)
+            if region is None:
+                return self._keep_raw(tensor, module_name, record, policy.NON_FINITE_FACTORS)
             stats.compressed += 1
             stats.rank_sum += region.rank
             module = stats.module(module_name)
@@ -206,8 +210,8 @@ class ActivationCompressor:
         return PackedTensor.view_of(region, tensor)
 
     @staticmethod
-    def unpack(packed: Tensor | PackedTensor) -> Tensor:
-        return packed.unpack() if isinstance(packed, PackedTensor) else packed
+    def unpack(packed: RawTensor | PackedTensor) -> Tensor:
+        return packed.unpack()
 
     # -- helpers of pack -----------------------------------------------------------------------
 
@@ -254,9 +258,10 @@ class ActivationCompressor:
 
     def _factorize(
         self, tensor: Tensor, matrix: Tensor, rank: int, module_name: str, auto: bool = False
-    ) -> LowRankFactors:
+    ) -> LowRankFactors | None:
         """Factors of ``matrix`` at ``rank``; with ``auto``, at the smallest rank up to ``rank``
-        that meets ``max_error``."""
+        that meets ``max_error``. None when the factors are not finite (a float16 projection
+        whose rows overflow): such factors are never stored."""
         generator = self._generator(tensor.device) if auto or self.options.method in RANDOMIZED else None
         dtype = self._factor_dtype_for(matrix)
         if auto:
@@ -273,6 +278,8 @@ class ActivationCompressor:
             left, right = factorize(matrix)
             if self.keep_row_norms:
                 left = keep_row_norms(matrix, left, right)
+            if not bool(torch.isfinite(left).all() & torch.isfinite(right).all()):
+                return None
             if self.track_error:
                 self._stats.module(module_name).errors.append(relative_error(matrix, left, right))
             ready = side_stream.record_event() if side_stream is not None else None

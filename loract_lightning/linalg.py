@@ -52,7 +52,27 @@ def _gram_columns(matrix: Tensor, columns: Tensor) -> Tensor:
         sampled = matrix.T.index_select(0, columns).T
     else:
         sampled = matrix.index_select(1, columns)
-    return matrix.T @ sampled
+    return _transposed_product(matrix, sampled)
+
+
+FLOAT32_BLOCK_NUMEL = 1 << 22
+"""Elements of each float32 row block of a float16 matrix in :func:`_transposed_product` (16 MiB)."""
+
+
+def _transposed_product(matrix: Tensor, other: Tensor) -> Tensor:
+    """``A^T @ B``, summed over the rows of ``A`` and ``B``; float32 when ``A`` is float16.
+
+    A float16 product overflows (65504) once rows x RMS^2 pass it: 4096 x 64 rows of RMS 4
+    already do. float16 input is therefore summed in float32, a block of rows at a time so the
+    float32 copy stays small. bfloat16 has float32's range and keeps its own dtype.
+    """
+    if matrix.dtype != torch.float16:
+        return matrix.T @ other
+    step = max(1, FLOAT32_BLOCK_NUMEL // max(1, matrix.shape[1]))
+    product = matrix.new_zeros(matrix.shape[1], other.shape[1], dtype=torch.float32)
+    for start in range(0, matrix.shape[0], step):
+        product.addmm_(matrix[start : start + step].float().T, other[start : start + step].float())
+    return product
 
 
 CHOLESKY_QR_MIN_NUMEL = 1 << 16
@@ -163,7 +183,7 @@ def sampled_qb(
     columns = columns[:sample_size].to(matrix.device)
     basis = _orthonormal_basis(_gram_columns(matrix, columns))
     for _ in range(power_iters):
-        basis = _orthonormal_basis(matrix.T @ (matrix @ basis.to(matrix.dtype)))
+        basis = _orthonormal_basis(_transposed_product(matrix, matrix @ basis.to(matrix.dtype)))
     if basis.shape[1] > rank:
         basis = _shrink_basis(matrix, basis, rank)
     # The basis (from the sketch in the matrix's own precision) decides the error; rounding the

@@ -15,6 +15,12 @@ consumes the region. Within one backward, the views of a shared region reuse one
 region keeps its rebuilt tensor until each of its views has been unpacked once, as the original
 storage was shared (on Llama, 22 of 86 rebuilds were repeats, 8.7 GFLOP a step, most of it
 the logits that ``nll_loss`` and ``log_softmax`` both save).
+
+In-place writes: autograd skips its version check for tensors that pass through saved-tensor
+hooks, so the check is done here. Each region keeps a :func:`version_probe` of its source (an
+empty tensor sharing the source's version counter, not its memory) and a tensor kept raw is a
+:class:`RawTensor`; unpacking either after the source was modified in place raises the error
+PyTorch itself raises.
 """
 
 from __future__ import annotations
@@ -23,6 +29,45 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+
+def version_probe(tensor: Tensor) -> Tensor:
+    """An empty tensor that shares ``tensor``'s version counter but holds none of its memory.
+
+    Any later in-place write to ``tensor`` (or to a view of it) shows in the probe's ``_version``,
+    while the activation itself can be freed once it is compressed. ``set_()`` bumps the shared
+    counter; it is put back at once, so nothing else sees a change.
+    """
+    version = tensor._version
+    probe = tensor.detach()
+    with torch.no_grad():
+        probe.set_()
+    torch._C._autograd._unsafe_set_version_counter((probe,), (version,))
+    return probe
+
+
+def check_version(current: Tensor, version: int, size: torch.Size) -> None:
+    """Raise PyTorch's own error if ``current`` (the saved tensor or its probe) was written in place."""
+    if current._version != version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace "
+            f"operation: [{current.type()} {list(size)}] is at version {current._version}; expected version "
+            f"{version} instead. (Checked by LoRAct, since autograd does not check tensors that pass "
+            "through saved-tensor hooks.) Hint: enable anomaly detection to find the operation that "
+            "failed to compute its gradient, with torch.autograd.set_detect_anomaly(True)."
+        )
+
+
+@dataclass(eq=False)
+class RawTensor:
+    """A saved tensor kept as it is (detached), with the version it had when it was saved."""
+
+    tensor: Tensor
+    version: int
+
+    def unpack(self) -> Tensor:
+        check_version(self.tensor, self.version, self.tensor.size())
+        return self.tensor
 
 
 @dataclass(eq=False)
@@ -40,6 +85,8 @@ class StoredRegion:
     contiguous: bool
     version: int
     dtype: torch.dtype
+    source_version: Tensor = field(repr=False)
+    """:func:`version_probe` of the tensor the region was built from."""
     views_to_unpack: int = field(default=0, init=False, repr=False)
     """Views packed onto this region that have not been unpacked yet."""
     _shared_rebuild: tuple[object, Tensor] | None = field(default=None, init=False, repr=False)
@@ -53,6 +100,7 @@ class StoredRegion:
             "contiguous": tensor.is_contiguous(),
             "version": tensor._version,
             "dtype": tensor.dtype,
+            "source_version": version_probe(tensor),
         }
 
     @property
@@ -162,6 +210,7 @@ class PackedTensor:
         return cls(region, tensor.size(), tensor.stride(), tensor.storage_offset())
 
     def unpack(self) -> Tensor:
+        check_version(self.region.source_version, self.region.version, self.size)
         rebuilt = self.region.rebuild_for_view()
         if self.region.contiguous:
             offset = self.storage_offset - self.region.storage_offset

@@ -35,6 +35,8 @@ DISABLED = "disabled_by_layers"
 NO_SAVING = "rank_too_high"
 MASK = "mask"
 NON_FINITE = "non_finite"
+NON_FINITE_FACTORS = "non_finite_factors"  # finite input, factors overflowed (float16)
+EMPTY = "empty"
 OUTSIDE_CHECKPOINT = "outside_checkpoint"
 IN_BACKWARD = "saved_in_backward"
 STORAGE_KEPT_RAW = "storage_kept_raw"
@@ -150,7 +152,7 @@ class ParameterIndex:
         self._storages = {t.untyped_storage().data_ptr() for t in tensors if t.numel() > 0}
         self._by_shape: dict[tuple[int, ...], list[Tensor]] = {}
         for tensor in tensors:
-            if tensor.ndim == 2 and tensor.is_floating_point():
+            if tensor.ndim >= 2 and tensor.is_floating_point():
                 self._by_shape.setdefault(tuple(tensor.shape), []).append(tensor)
 
     def __contains__(self, tensor: Tensor) -> bool:
@@ -158,7 +160,7 @@ class ParameterIndex:
             return True
         if tensor.grad_fn is not None:
             return self._history_reaches_leaf(tensor)
-        return tensor.ndim == 2 and self._is_cast_copy(tensor)
+        return tensor.ndim >= 2 and self._is_cast_copy(tensor)
 
     def _history_reaches_leaf(self, tensor: Tensor) -> bool:
         node = tensor.grad_fn
@@ -174,20 +176,29 @@ class ParameterIndex:
         return False
 
     def _is_cast_copy(self, tensor: Tensor) -> bool:
-        probe = 8
+        """Whether ``tensor`` has the shape of a parameter (of any rank: conv weights are 4-D) and
+        the same leading values, or is the transpose of a 2-D one (``F.linear`` saves ``weight.t()``)."""
         for param in self._by_shape.get(tuple(tensor.shape), []):
-            if torch.equal(tensor[0, :probe], param[0, :probe].to(tensor.dtype)):
+            if torch.equal(_head(tensor), _head(param).to(tensor.dtype)):
                 return True
-        for param in self._by_shape.get(tuple(tensor.shape[::-1]), []):
-            if torch.equal(tensor[:probe, 0], param[0, :probe].to(tensor.dtype)):
-                return True
+        if tensor.ndim == 2:
+            for param in self._by_shape.get(tuple(tensor.shape[::-1]), []):
+                if torch.equal(_head(tensor.T), _head(param).to(tensor.dtype)):
+                    return True
         return False
+
+
+def _head(tensor: Tensor, rows: int = 2, cols: int = 8) -> Tensor:
+    """A few leading values: the first ``rows`` x ``cols`` corner of the last two dimensions."""
+    return tensor[(0,) * (tensor.ndim - 2)][:rows, :cols]
 
 
 def structural_reason(tensor: Tensor, min_bytes: int) -> str | None:
     """Why a plain strided ``tensor`` must stay raw, judged from its metadata alone (no data is read)."""
     if not tensor.is_floating_point():
         return NOT_FLOATING
+    if tensor.numel() == 0:
+        return EMPTY
     if tensor.ndim < 2:
         return NOT_MATRIX
     if tensor.numel() * tensor.element_size() < min_bytes:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loract_lightning import ActivationCompressor, compress_activations
+from loract_lightning.packed import RawTensor
 
 KNOWN_INPUT_RANK = 2
 # Rank of the largest saved activation in KnownRankNet: block 2 squares a rank-8 tensor.
@@ -84,10 +85,10 @@ def spy_on_pack(compressor: ActivationCompressor) -> list[dict]:
                 "module": compressor._module_stack[-1] if compressor._module_stack else "",
                 "tensor": tensor,
                 "packed": packed,
-                # Kept raw: the hook returned the tensor itself, detached (same memory, same view).
-                "kept_raw": isinstance(packed, torch.Tensor)
-                and packed.data_ptr() == tensor.data_ptr()
-                and packed.stride() == tensor.stride(),
+                # Kept raw: the hook kept the tensor itself, detached (same memory, same view).
+                "kept_raw": isinstance(packed, RawTensor)
+                and packed.tensor.data_ptr() == tensor.data_ptr()
+                and packed.tensor.stride() == tensor.stride(),
             }
         )
         return packed
