@@ -35,7 +35,7 @@ def select_modules(model: nn.Module, targets: Sequence[str]) -> tuple[dict[str, 
     matched = dict.fromkeys(targets, False)
     looping = []
     for name, module in model.named_modules():
-        hits = [t for t in targets if type(module).__name__ == t or (name and fnmatch.fnmatchcase(name, t))]
+        hits = [t for t in targets if _has_class(module, t) or (name and fnmatch.fnmatchcase(name, t))]
         if not hits:
             continue
         matched.update(dict.fromkeys(hits, True))
@@ -88,14 +88,20 @@ def _checkpointing_ancestor(model: nn.Module, name: str) -> str | None:
     return None
 
 
+def _has_class(module: nn.Module, class_name: str) -> bool:
+    """``module`` is of a class named ``class_name`` or derived from one: FSDP2's ``fully_shard``
+    turns a ``LlamaDecoderLayer`` into an ``FSDPLlamaDecoderLayer`` subclass."""
+    return any(cls.__name__ == class_name for cls in type(module).__mro__)
+
+
 def _is_transformers_layer(module: nn.Module) -> bool:
-    return any(cls.__name__ == "GradientCheckpointingLayer" for cls in type(module).__mro__)
+    return _has_class(module, "GradientCheckpointingLayer")
 
 
 def _checkpoints_its_own_forward(module: nn.Module) -> bool:
     """A CheckpointWrapper, or a transformers ``GradientCheckpointingLayer`` with checkpointing on
     (transformers >= 5 checkpoints the layer's ``forward`` inside its ``__call__``)."""
-    if type(module).__name__ == "CheckpointWrapper":
+    if _has_class(module, "CheckpointWrapper"):
         return True
     return _is_transformers_layer(module) and bool(getattr(module, "gradient_checkpointing", False))
 

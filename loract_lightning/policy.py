@@ -142,13 +142,17 @@ class ParameterIndex:
             "UnsafeViewBackward",
             "AliasBackward",
             "ExpandBackward",
+            "SplitBackward",
+            "SplitWithSizesBackward",  # FSDP1 views each unsharded weight out of one flat parameter
             "SqueezeBackward",
             "UnsqueezeBackward",
         }
     )
 
     def __init__(self, model: nn.Module) -> None:
-        tensors = [*model.parameters(), *model.buffers()]
+        # A sharded (DTensor) parameter has no storage of its own: its local shard has. The
+        # unsharded copy that the forward saves is recognised by its history instead.
+        tensors = [getattr(t, "_local_tensor", t) for t in [*model.parameters(), *model.buffers()]]
         self._storages = {t.untyped_storage().data_ptr() for t in tensors if t.numel() > 0}
         self._by_shape: dict[tuple[int, ...], list[Tensor]] = {}
         for tensor in tensors:

@@ -57,8 +57,11 @@ class StepCapture:
 
     def _install(self) -> None:
         if self._installed is None:
-            self._installed = ExitStack()
-            self._forward_stats = self._installed.enter_context(self.compressor.capture())
+            # Marked installed only once capture() has entered: an error there must surface as
+            # itself, not as a failed clean-up of a half-made state.
+            installed = ExitStack()
+            self._forward_stats = installed.enter_context(self.compressor.capture())
+            self._installed = installed
 
     def _remove(self) -> None:
         if self._installed is not None:
