@@ -79,11 +79,14 @@ def profile(args: list[str]) -> None:
     meeting the error target, or the memory budget, to paste into the LoRAct callback). The
     config's LoRAct callback, if any, gives the method, ``min_bytes`` and ``checkpoint``; the
     modules its ``layers`` map to None are left out and stay None in the block.
+    The table and chart need the ``report`` extra (rich, matplotlib); without it the command
+    exits before the run, naming the extra.
     """
     from loract_lightning.callback import LoRAct
     from loract_lightning.monitor import ActivationMemoryMonitor
     from loract_lightning.rank_profile import layers_yaml
     from loract_lightning.rank_profiler import RankProfiler
+    from loract_lightning.report import require_report_packages
 
     parser = argparse.ArgumentParser(prog="loract profile", description=profile.__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=2, help="training batches to profile (default 2)")
@@ -106,6 +109,10 @@ def profile(args: list[str]) -> None:
     ]  # fmt: skip
     if not any(arg == "--config" or arg.startswith(("--config=", "-c")) for arg in rest):
         parser.error("--config is required: the YAML of the run to profile")
+    try:  # the table and chart come after the whole run: check their packages before it
+        require_report_packages("loract profile")
+    except ModuleNotFoundError as error:
+        raise SystemExit(str(error)) from error
     # `profile` builds the run from these arguments, not from the command line LightningCLI sees.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     # A profiling run is not a run to reproduce: no config.yaml in the working directory.

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from loract_lightning.capture_callback import StepCaptureCallback
 from loract_lightning.context import ActivationCompressor
-from loract_lightning.report import MemoryReport
+from loract_lightning.report import MemoryReport, require_report_packages
 from loract_lightning.step_capture import StepCapture
 
 
@@ -41,6 +41,11 @@ class ActivationMemoryMonitor(StepCaptureCallback):
     peak memory over the steps) in ``output_dir``, else the first logger's ``log_dir``, else the
     trainer's ``default_root_dir``.
 
+    The table needs rich and the chart matplotlib, which the core install leaves out: without
+    them the constructor raises :class:`ModuleNotFoundError` naming the ``report`` extra
+    (``pip install "loract-lightning[report]"``; ``[examples]`` and ``[dev]`` include it), rather
+    than the fit failing at its end.
+
     Args:
         top_k: modules shown in the table and chart.
         error_every_n_steps: measure reconstruction errors every this many steps (0: never).
@@ -59,6 +64,7 @@ class ActivationMemoryMonitor(StepCaptureCallback):
         for name, value, minimum in (("top_k", top_k, 1), ("error_every_n_steps", error_every_n_steps, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        require_report_packages("ActivationMemoryMonitor")
         self.top_k = top_k
         self.error_every_n_steps = error_every_n_steps
         self.output_dir = output_dir

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +14,27 @@ import torch
 from loract_lightning.stats import CompressionStats
 
 COLUMNS = ("module", "saved_bytes", "stored_bytes", "ratio", "ranks", "error_mean", "error_max")
+
+# What prints the report tables (rich) and draws the charts (matplotlib): the `report` extra.
+REPORT_PACKAGES = ("rich", "matplotlib")
+
+
+def require_report_packages(user: str) -> None:
+    """Raise :class:`ModuleNotFoundError` naming the ``report`` extra if rich or matplotlib is
+    missing: ``user`` calls this when it is built, not when its report is due after a long run."""
+    missing = [name for name in REPORT_PACKAGES if not _importable(name)]
+    if missing:
+        raise ModuleNotFoundError(
+            f"{user} prints its table with rich and draws its chart with matplotlib; not installed: "
+            f'{", ".join(missing)}. Install them with: pip install "loract-lightning[report]"',
+            name=missing[0],
+        )
+
+
+def _importable(name: str) -> bool:
+    if name in sys.modules:  # None there means "known missing" to the import system
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
 
 
 @dataclass

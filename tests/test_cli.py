@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 
+from loract_lightning import LoRAct
 from loract_lightning.cli import main
 
 pytestmark = pytest.mark.slow
@@ -19,9 +23,47 @@ def run_from_repository_root(monkeypatch):
     monkeypatch.chdir(ROOT)
 
 
+class TrainableSnapshot(Callback):
+    """The trainable parameters as training starts (after ``configure_model`` and ``setup`` built them)."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.before = {name: p.detach().clone() for name, p in pl_module.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_every_config_runs_a_fast_dev_run(config, tmp_path):
+def test_every_config_runs_a_fast_dev_run(config, tmp_path, monkeypatch):
+    fits = []
+    fit = Trainer.fit
+
+    def recording_fit(trainer, model, *args, **kwargs):
+        fits.append((trainer, model, TrainableSnapshot()))
+        trainer.callbacks.append(fits[-1][2])
+        return fit(trainer, model, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", recording_fit)
     main(["fit", "--config", str(config), "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
+    ((trainer, model, snapshot),) = fits
+    assert trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.FINISHED
+    assert trainer.global_step == 1  # fast_dev_run: one training batch, one optimizer step
+    after = dict(model.named_parameters())
+    assert snapshot.before, "no trainable parameters"
+    assert any(not torch.equal(after[name], p) for name, p in snapshot.before.items()), "no parameter was updated"
+    assert torch.isfinite(trainer.callback_metrics["train_loss"])
+    configured = yaml.safe_load(config.read_text())["trainer"].get("callbacks") or []
+    configured = [c["init_args"] for c in configured if c["class_path"] == "loract_lightning.LoRAct"]
+    callbacks = [c for c in trainer.callbacks if isinstance(c, LoRAct)]
+    assert len(callbacks) == len(configured)
+    if not configured:  # a baseline
+        return
+    (loract,), (init_args,) = callbacks, configured
+    stats = loract.step_stats
+    assert stats.compressed > 0 and stats.mean_rank >= 1, stats
+    assert 0 < stats.stored_bytes < stats.saved_bytes, stats
+    compressor = loract.compressor
+    assert compressor.layer_mode == bool(init_args.get("checkpoint"))
+    if compressor.layer_mode:  # only the checkpointed blocks' inputs are saved: one factorization per block
+        assert stats.compressed == len(compressor.checkpointed_modules) > 0, stats
+    assert not loract.installed  # removed at the end of fit
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])

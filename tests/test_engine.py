@@ -108,18 +108,30 @@ def test_float_dropout_mask_is_rebuilt_exactly():
 
 
 def test_sdpa_with_dropout_keeps_its_masks_out_of_the_factors():
+    # On the CPU, SDPA's math path drops the attention probabilities out with a float {0, 1/(1-p)}
+    # mask and saves it for backward: one (batch, heads, queries, keys) tensor per call.
+    torch.manual_seed(0)
     model = nn.MultiheadAttention(64, 4, dropout=0.2, batch_first=True).train()
     x = torch.randn(8, 64, 64, requires_grad=True)
     compressor = ActivationCompressor(model, rank=4, min_bytes=0)
     calls = spy_on_pack(compressor)
-    with compressor.capture():
+    with compressor.capture() as stats:
         out, _ = model(x, x, x, need_weights=False)
     out.sum().backward()
-    for call in calls:
-        tensor = call["tensor"]
-        values = tensor.detach().unique() if tensor.is_floating_point() and tensor.numel() > 0 else None
-        if values is not None and values.numel() <= 2:
-            assert not isinstance(getattr(call["packed"], "region", None), LowRankFactors)
+
+    def distinct_values(tensor: torch.Tensor) -> int:
+        return tensor.detach().unique().numel() if tensor.is_floating_point() and tensor.numel() else -1
+
+    masks = [call for call in calls if 0 < distinct_values(call["tensor"]) <= 2]
+    assert [tuple(call["tensor"].shape) for call in masks] == [(8, 4, 64, 64)], "the dropout mask was not saved"
+    (mask,) = masks
+    assert mask["tensor"].unique().tolist() == pytest.approx([0.0, 1 / (1 - 0.2)])
+    assert isinstance(mask["packed"], PackedTensor) and isinstance(mask["packed"].region, TwoValuedMask)
+    assert torch.equal(compressor.unpack(mask["packed"]), mask["tensor"])
+    # Everything else attention saves (inputs, q/k/v, probabilities) is still factorized.
+    regions = [getattr(call["packed"], "region", None) for call in calls]
+    factorized = {id(region) for region in regions if isinstance(region, LowRankFactors)}
+    assert stats.masks == 1 and stats.compressed == len(factorized) > 0
 
 
 def test_non_finite_activations_are_kept_raw_and_counted(known_rank_net):
@@ -357,7 +369,7 @@ def test_layer_mode_reuses_existing_checkpoint_wrappers(known_rank_net):
     apply_activation_checkpointing(known_rank_net, check_fn=lambda module: isinstance(module, KnownRankBlock))
     x = KnownRankNet.make_input()
     expected, _ = run_and_backward(known_rank_net, lambda: known_rank_net(x))
-    with pytest.warns(UserWarning, match="already run under a CheckpointWrapper"):
+    with pytest.warns(UserWarning, match="already run under activation checkpointing"):
         compressor = ActivationCompressor(
             known_rank_net, rank=LOSSLESS_RANK, min_bytes=0, checkpoint=["KnownRankBlock"]
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -158,17 +160,20 @@ def test_orthonormal_basis_spans_the_sketch_with_cholesky_or_its_fallback(condit
 
 
 @pytest.mark.parametrize(
-    ("matrix", "rank", "error"),
+    ("matrix", "rank", "error", "message"),
     [
-        (torch.randn(4, 4, 4), 2, ValueError),
-        (torch.ones(4, 4, dtype=torch.long), 2, TypeError),
-        (torch.randn(4, 4), 0, ValueError),
-        (torch.randn(4, 4), 1.5, ValueError),
+        (torch.randn(4, 4, 4), 2, ValueError, "expected a 2-D matrix, got shape (4, 4, 4)"),
+        (torch.ones(4, 4, dtype=torch.long), 2, TypeError, "expected a floating-point matrix, got dtype torch.int64"),
+        (torch.randn(4, 4), 0, ValueError, "rank must be an int >= 1, got 0"),
+        (torch.randn(4, 4), 1.5, ValueError, "rank must be an int >= 1, got 1.5"),
+        (torch.randn(4, 4), True, ValueError, "rank must be an int >= 1, got True"),
     ],
+    ids=["3-D", "integer", "rank-0", "float-rank", "bool-rank"],
 )
-def test_bad_input_is_rejected(matrix, rank, error):
+def test_bad_input_is_rejected(matrix, rank, error, message):
     for function in (sampled_qb, randomized_svd, truncated_svd):
-        with pytest.raises(error, match="rank|matrix"):
+        # The whole message: a check that fired for another reason names something else.
+        with pytest.raises(error, match=f"^{re.escape(message)}$"):
             function(matrix, rank)
 
 
