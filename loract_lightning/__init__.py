@@ -6,6 +6,7 @@ first use, so plain-PyTorch users do not pay for importing Lightning.
 
 from typing import Any
 
+from loract_lightning.chunked_loss import causal_lm_loss, chunked_cross_entropy
 from loract_lightning.context import ActivationCompressor, compress_activations
 from loract_lightning.options import CompressionOptions
 from loract_lightning.stats import CompressionStats, ModuleMemory
@@ -17,6 +18,8 @@ __all__ = [
     "CompressionStats",
     "LoRAct",
     "ModuleMemory",
+    "causal_lm_loss",
+    "chunked_cross_entropy",
     "compress_activations",
 ]
 __version__ = "0.1.0"
