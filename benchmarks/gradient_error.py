@@ -36,7 +36,7 @@ def main() -> None:
     torch.manual_seed(0)
     data = DrugReviewsDataModule()
     data.setup("fit")
-    model = TextClassifier().train()
+    model = TextClassifier(num_classes=3).train()
     ids, mask, labels = (t[:16] for t in data.splits["train"].tensors)
 
     def gradients(**options):

@@ -62,7 +62,7 @@ def fit_and_record(setting: str, steps: int) -> dict[str, list[float]]:
         max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )  # fmt: skip
-    trainer.fit(TextClassifier(lr=1e-3), DrugReviewsDataModule(batch_size=16, max_length=128))
+    trainer.fit(TextClassifier(lr=1e-3, num_classes=3), DrugReviewsDataModule(batch_size=16, max_length=128))
     starts = recorder.batch_starts
     return {"rss_mib": recorder.mib, "step_seconds": [b - a for a, b in itertools.pairwise(starts)]}
 

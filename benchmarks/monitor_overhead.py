@@ -45,7 +45,7 @@ def step_times(steps: int, with_monitor: bool, output_dir: Path) -> list[float]:
         accelerator="cpu", max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, log_every_n_steps=1,
     )  # fmt: skip
-    trainer.fit(TextClassifier(), DrugReviewsDataModule())
+    trainer.fit(TextClassifier(num_classes=3), DrugReviewsDataModule())
     return timer.seconds[2:]  # the first steps warm up allocators and thread pools
 
 
