@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from loract_lightning.policy import has_class
+
 
 def select_modules(model: nn.Module, targets: Sequence[str]) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """Split the outermost modules matching ``targets`` into (to wrap, already checkpointed).
@@ -35,7 +37,7 @@ def select_modules(model: nn.Module, targets: Sequence[str]) -> tuple[dict[str, 
     matched = dict.fromkeys(targets, False)
     looping = []
     for name, module in model.named_modules():
-        hits = [t for t in targets if _has_class(module, t) or (name and fnmatch.fnmatchcase(name, t))]
+        hits = [t for t in targets if has_class(module, [t]) or (name and fnmatch.fnmatchcase(name, t))]
         if not hits:
             continue
         matched.update(dict.fromkeys(hits, True))
@@ -71,6 +73,16 @@ def select_modules(model: nn.Module, targets: Sequence[str]) -> tuple[dict[str, 
     return to_wrap, existing
 
 
+def checkpointed_by_others(model: nn.Module) -> list[str]:
+    """Names of the outermost modules that already checkpoint their own forward (a torch
+    ``CheckpointWrapper``, a transformers layer under ``gradient_checkpointing_enable()``)."""
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if _checkpoints_its_own_forward(module) and not any(name.startswith(f"{outer}.") for outer in names):
+            names.append(name)
+    return names
+
+
 def _checkpointing_ancestor(model: nn.Module, name: str) -> str | None:
     """Name of the outermost module on the path to ``name`` (itself included) under whose
     activation checkpointing ``name`` runs, or None."""
@@ -88,20 +100,14 @@ def _checkpointing_ancestor(model: nn.Module, name: str) -> str | None:
     return None
 
 
-def _has_class(module: nn.Module, class_name: str) -> bool:
-    """``module`` is of a class named ``class_name`` or derived from one: FSDP2's ``fully_shard``
-    turns a ``LlamaDecoderLayer`` into an ``FSDPLlamaDecoderLayer`` subclass."""
-    return any(cls.__name__ == class_name for cls in type(module).__mro__)
-
-
 def _is_transformers_layer(module: nn.Module) -> bool:
-    return _has_class(module, "GradientCheckpointingLayer")
+    return has_class(module, ["GradientCheckpointingLayer"])
 
 
 def _checkpoints_its_own_forward(module: nn.Module) -> bool:
     """A CheckpointWrapper, or a transformers ``GradientCheckpointingLayer`` with checkpointing on
     (transformers >= 5 checkpoints the layer's ``forward`` inside its ``__call__``)."""
-    if _has_class(module, "CheckpointWrapper"):
+    if has_class(module, ["CheckpointWrapper"]):
         return True
     return _is_transformers_layer(module) and bool(getattr(module, "gradient_checkpointing", False))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from loract_lightning import policy
-from loract_lightning.checkpointing import checkpointed, select_modules
+from loract_lightning.checkpointing import checkpointed, checkpointed_by_others, select_modules
 from loract_lightning.linalg import METHODS, RANDOMIZED, adaptive_qb, keep_row_norms, relative_error
 from loract_lightning.options import FACTOR_DTYPES, CompressionOptions
 from loract_lightning.packed import LowRankFactors, PackedTensor, RawTensor, StoredRegion, TwoValuedMask
@@ -77,9 +78,18 @@ class ActivationCompressor:
         self.options = CompressionOptions(**options)
         self.ranks = RankPolicy(self.options.rank, self.options.layers)
         self.ranks.check_against(model)
+        self._modules_by_name = dict(model.named_modules())
+        self._saved_by_target: dict[str, bool] = {}
         self._modules_to_wrap, existing = select_modules(model, self.options.checkpoint)
         self.checkpointed_modules = {**self._modules_to_wrap, **existing}
         """Layer mode: the modules whose saved inputs are compressed (by qualified name)."""
+        if not self.layer_mode and self.options.saved_by is not None and (others := checkpointed_by_others(model)):
+            warnings.warn(
+                f"LoRAct: {len(others)} module(s) already run under activation checkpointing (e.g. {others[:2]}); "
+                "what they save are their inputs, saved by no `saved_by` class, so in default mode those stay "
+                "raw. Name them in `checkpoint` (layer mode) to compress them.",
+                stacklevel=2,
+            )
         keep = self.options.keep_row_norms
         self.keep_row_norms = self.layer_mode if keep is None else keep
         self._method_options = {
@@ -181,15 +191,18 @@ class ActivationCompressor:
                 stats.shared += 1
                 return PackedTensor.view_of(region, tensor)
         reason, rank_spec = self._policy_reason(tensor, module_name, record)
-        if reason is not None:
+        # A tensor of a module outside ``saved_by`` is not factorized, but a mask is still stored
+        # exactly (bool): that loses nothing (peft's LoRA dropout masks, one per projection).
+        masks_only = reason == policy.OTHER_MODULE and not record.kept_raw
+        if reason is not None and not masks_only:
             return self._keep_raw(tensor, module_name, record, reason)
         matrix = tensor.detach().reshape(-1, tensor.shape[-1])
-        reason, low, high = policy.inspect_values(matrix)
-        if reason == policy.MASK:
+        value_reason, low, high = policy.inspect_values(matrix)
+        if value_reason == policy.MASK:
             region = TwoValuedMask(**StoredRegion.layout_of(tensor), is_high=matrix == high, low=low, high=high)
             stats.masks += 1
-        elif reason is not None:
-            return self._keep_raw(tensor, module_name, record, reason)
+        elif masks_only or value_reason is not None:
+            return self._keep_raw(tensor, module_name, record, reason or value_reason)
         else:
             num_rows, num_cols = matrix.shape
             rank = self._rank_for(rank_spec, num_rows, num_cols)
@@ -228,11 +241,14 @@ class ActivationCompressor:
 
     def _policy_reason(self, tensor: Tensor, module_name: str, record: _StorageRecord) -> tuple[str | None, RankSpec]:
         """Why ``tensor`` stays raw, judged without reading its values; else None and its rank spec."""
-        reason = policy.structural_reason(tensor, self.options.min_bytes)
+        reason = policy.structural_reason(tensor, self.options.min_bytes, self.options.min_width)
         if reason is not None:
             return reason, None
-        if self.layer_mode and module_name not in self.checkpointed_modules:
-            return policy.OUTSIDE_CHECKPOINT, None
+        if self.layer_mode:
+            if module_name not in self.checkpointed_modules:
+                return policy.OUTSIDE_CHECKPOINT, None
+        elif not self._is_saved_by_target(module_name):
+            return policy.OTHER_MODULE, None
         if record.kept_raw:
             # Its storage stays alive anyway: a compact copy would only add memory.
             return policy.STORAGE_KEPT_RAW, None
@@ -240,6 +256,15 @@ class ActivationCompressor:
         if rank_spec is None:
             return policy.DISABLED, None
         return None, rank_spec
+
+    def _is_saved_by_target(self, module_name: str) -> bool:
+        """Whether the module ``module_name`` is of a class that ``saved_by`` names (or it is None)."""
+        if self.options.saved_by is None:
+            return True
+        if module_name not in self._saved_by_target:
+            module = self._modules_by_name.get(module_name)
+            self._saved_by_target[module_name] = module is not None and policy.has_class(module, self.options.saved_by)
+        return self._saved_by_target[module_name]
 
     def _rank_for(self, rank_spec: RankSpec, num_rows: int, num_cols: int) -> int:
         """The rank to factorize at; for ``"auto"`` the largest rank the choice may reach."""

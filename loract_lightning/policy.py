@@ -39,8 +39,23 @@ NON_FINITE_FACTORS = "non_finite_factors"  # finite input, factors overflowed (f
 EMPTY = "empty"
 OUTSIDE_CHECKPOINT = "outside_checkpoint"
 IN_BACKWARD = "saved_in_backward"
+OTHER_MODULE = "not_in_saved_by"  # saved by a module whose class is not in ``saved_by``
+NARROW = "below_min_width"
 STORAGE_KEPT_RAW = "storage_kept_raw"
 MEASURE_ONLY = "measure_only"
+
+
+LINEAR_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
+"""Modules whose saved input enters the weight gradient linearly (``Conv1D`` is transformers'
+GPT-2 linear layer). A low-rank error in such an input becomes an error of the same size in the
+weight gradient, and nothing more: nothing downstream is recomputed from it."""
+
+
+def has_class(module: nn.Module, class_names: Iterable[str]) -> bool:
+    """``module`` is of one of ``class_names`` or derived from one (matched along the MRO, so
+    peft's ``lora.Linear`` and FSDP2's ``FSDPLinear`` subclasses count too)."""
+    names = set(class_names)
+    return any(cls.__name__ in names for cls in type(module).__mro__)
 
 
 def check_rank(rank: RankSpec, what: str = "rank", allow_none: bool = False) -> None:
@@ -197,7 +212,7 @@ def _head(tensor: Tensor, rows: int = 2, cols: int = 8) -> Tensor:
     return tensor[(0,) * (tensor.ndim - 2)][:rows, :cols]
 
 
-def structural_reason(tensor: Tensor, min_bytes: int) -> str | None:
+def structural_reason(tensor: Tensor, min_bytes: int, min_width: int = 0) -> str | None:
     """Why a plain strided ``tensor`` must stay raw, judged from its metadata alone (no data is read)."""
     if not tensor.is_floating_point():
         return NOT_FLOATING
@@ -207,6 +222,8 @@ def structural_reason(tensor: Tensor, min_bytes: int) -> str | None:
         return NOT_MATRIX
     if tensor.numel() * tensor.element_size() < min_bytes:
         return SMALL
+    if min(tensor.shape[-1], tensor.numel() // tensor.shape[-1]) < min_width:
+        return NARROW
     if not tensor.is_contiguous() and not _is_non_overlapping(tensor):
         return OVERLAPPING
     return None

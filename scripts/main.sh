@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job: set up, then fine-tune MiniLM + LoRA on the drug reviews with LoRAct (default mode).
-# Extra arguments go to `loract fit`, e.g.  bash scripts/main.sh --trainer.max_epochs=2
+# The main job: set up, then LoRA-fine-tune SmolLM2-135M-Instruct (offline) on Shakespeare with LoRAct.
+# Extra arguments go to `loract fit`, e.g.  bash scripts/main.sh --trainer.max_steps=10
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/loract fit --config configs/text_loract.yaml "$@"
+.venv/bin/loract fit --config configs/smollm2_loract.yaml "$@"

@@ -46,7 +46,9 @@ RUNS: dict[str, tuple[str, bool, dict | None]] = {
     "fsdp1_plain": ("fsdp1", False, None),
     "fsdp1_default": ("fsdp1", False, {}),
     "fsdp1_layer": ("fsdp1", False, LAYER),
-    "fsdp1_policy_default": ("fsdp1", True, {}),
+    # Blocks checkpointed by the strategy, LoRAct in default mode: what the checkpoints save are
+    # block inputs, saved by no linear layer, so only saved_by=None compresses them.
+    "fsdp1_policy_default": ("fsdp1", True, {"saved_by": None}),
     "fsdp1_policy_layer": ("fsdp1", True, LAYER),
 }
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")

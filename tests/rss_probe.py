@@ -30,7 +30,7 @@ def main() -> None:
     def forward():
         if rank is None:
             return model(input_ids=ids, labels=ids).loss, None
-        with compress_activations(model, rank=rank) as stats:
+        with compress_activations(model, rank=rank, saved_by=None) as stats:
             return model(input_ids=ids, labels=ids).loss, stats
 
     loss, _ = forward()  # warm-up: lazy initialisation and the optimizer-free gradient buffers

@@ -49,7 +49,8 @@ def structure_of(module: torch.nn.Module) -> list:
 )
 def test_lossless_fit_ends_with_the_uncompressed_parameters(tmp_path, mode, setting):
     expected = parameters_of(fit(tmp_path, **setting))
-    callback = LoRAct(rank=LOSSLESS_RANK, min_bytes=0, **MODES[mode])
+    # Every saved tensor (saved_by=None): lossless at this rank, so nothing may change.
+    callback = LoRAct(rank=LOSSLESS_RANK, min_bytes=0, saved_by=None, **MODES[mode])
     module = fit(tmp_path, [callback], **setting)
     assert callback.step_stats.compressed > 0
     torch.testing.assert_close(parameters_of(module), expected, rtol=1e-4, atol=1e-6)
@@ -114,7 +115,7 @@ def test_fit_start_summary_counts_pattern_matches(tmp_path, caplog):
     callback = LoRAct(rank=8, min_bytes=0, layers={"net.blocks.*.up": 4, "net.blocks.1*": None})
     with caplog.at_level("INFO"):
         fit(tmp_path, [callback])
-    assert "LoRAct: default mode, rank 8, method sampled_qb" in caplog.text
+    assert "LoRAct: default mode, tensors saved by Linear, Conv1d, Conv2d, Conv3d, Conv1D, rank 8" in caplog.text
     assert "layers['net.blocks.*.up'] -> 4: matches 2 modules" in caplog.text
 
 
@@ -189,7 +190,8 @@ def test_a_real_model_trains_at_rank_one_eighth(tmp_path):
     callback = LoRAct(rank=0.125, min_bytes=1 << 16)
     trainer(tmp_path, [callback], max_epochs=15, logger=logger, log_every_n_steps=1).fit(TinyLlama(), loader)
     losses = [float(row["train_loss"]) for row in logged_rows(logger, "train_loss")]
-    assert callback.step_stats.compressed > 0 and callback.step_stats.ratio < 0.5
+    # The defaults compress linear layers' inputs only (ratio 0.83 on this Llama; 0.54 with saved_by=None).
+    assert callback.step_stats.compressed > 0 and callback.step_stats.ratio < 0.9
     assert losses[-1] < 0.7 * losses[0]
 
 
@@ -233,7 +235,8 @@ def test_compiled_module_trains_like_the_uncompressed_compiled_one(tmp_path, mod
         return parameters_of(module)
 
     expected = compiled_fit([])
-    callback = LoRAct(rank=LOSSLESS_RANK, min_bytes=0, **MODES[mode])
+    # Compiled code runs no module hooks: every tensor is the root's, so saved_by must allow it.
+    callback = LoRAct(rank=LOSSLESS_RANK, min_bytes=0, saved_by=None, **MODES[mode])
     actual = compiled_fit([callback])
     assert callback.step_stats.compressed > 0
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
