@@ -41,7 +41,9 @@ SKETCHES = ("reuse", "row_sampled", "row_sampled_half", "column_basis", "bfloat1
 
 def capture(model, loss_fn) -> dict[str, torch.Tensor]:
     """The first activation each module saves for compression, by module name."""
-    compressor = ActivationCompressor(model, rank=1, min_bytes=1 << 20, layers={"*.attention.self": None})
+    compressor = ActivationCompressor(
+        model, rank=1, min_bytes=1 << 20, layers={"*.attention.self": None}, saved_by=None
+    )
     captured: dict[str, torch.Tensor] = {}
     compressor.observer = lambda name, matrix: captured.setdefault(name, matrix.detach().clone())
     with compressor.capture():

@@ -35,7 +35,7 @@ def milliseconds(function, repeats: int = 3) -> float:
 
 def compare_bases(model, loss_fn) -> str:
     """Fallbacks, worst error ratio and QR time over the sketches of one forward."""
-    compressor = ActivationCompressor(model, rank=RANK)
+    compressor = ActivationCompressor(model, rank=RANK, saved_by=None)
     matrices: list[torch.Tensor] = []
     compressor.observer = lambda name, matrix: matrices.append(matrix.detach().clone())
     with compressor.capture():
@@ -65,7 +65,7 @@ def compare_bases(model, loss_fn) -> str:
 
 def alternating_steps(model, loss_fn, steps: int) -> dict[str, float]:
     """Median step ms with each QR, alternating so both see the same machine state."""
-    compressor = ActivationCompressor(model, rank=RANK)
+    compressor = ActivationCompressor(model, rank=RANK, saved_by=None)
     cholesky = linalg._shifted_cholesky_qr
     times: dict[str, list[float]] = {"cholesky": [], "householder": []}
     try:

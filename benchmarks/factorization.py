@@ -29,7 +29,7 @@ def capture_activations(model, loss_fn, min_bytes: int = 1 << 20) -> list[tuple[
     It runs the real engine and records each matrix as it reaches the factorization, so the
     selection (parameters, masks, shared storages, sizes) is exactly the engine's.
     """
-    compressor = ActivationCompressor(model, rank=1, min_bytes=min_bytes)
+    compressor = ActivationCompressor(model, rank=1, min_bytes=min_bytes, saved_by=None)
     captured = []
     compressor.observer = lambda name, matrix: captured.append((name, matrix.detach().clone()))
     with compressor.capture():

@@ -22,9 +22,14 @@ from loract_lightning import ActivationCompressor
 from loract_lightning.cli import silence_known_warnings
 
 SETTINGS = {
-    "default mode, everything": {"rank": 0.125},
-    'default mode, `"*.attention.self": null`': {"rank": 0.125, "layers": {"*.attention.self": None}},
-    'default mode, `"*.attention.self": null`, rank 1/16': {"rank": 0.0625, "layers": {"*.attention.self": None}},
+    "default mode, everything": {"rank": 0.125, "saved_by": None},
+    'default mode, `"*.attention.self": null`': {"rank": 0.125, "layers": {"*.attention.self": None}, "saved_by": None},
+    'default mode, `"*.attention.self": null`, rank 1/16': {
+        "rank": 0.0625,
+        "layers": {"*.attention.self": None},
+        "saved_by": None,
+    },
+    "default mode, the defaults (linear inputs)": {"rank": 0.125},
     "layer mode (`checkpoint: [BertLayer]`), sampled QB": {"rank": 0.125, "checkpoint": ["BertLayer"]},
     "layer mode, `method: randomized_svd`": {"rank": 0.125, "method": "randomized_svd", "checkpoint": ["BertLayer"]},
     "layer mode, rank 1/4": {"rank": 0.25, "checkpoint": ["BertLayer"]},
