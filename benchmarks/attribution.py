@@ -33,9 +33,9 @@ Classes of saved tensors (what this model saves, on the CPU, found by logging th
 - ``attention``: ``self_attn`` itself saves the rotary ``cos``/``sin`` (one storage shared by every
   layer), the rotated q and k, v, and the SDPA output and log-sum-exp.
 
-Run (part (a) only, about 15 minutes on one core)::
+Run (part (a) only: about 11 minutes on one core with the default 2 batches, 16 with ``--batches 3``)::
 
-    OMP_NUM_THREADS=1 python benchmarks/attribution.py
+    OMP_NUM_THREADS=1 python benchmarks/attribution.py --batches 3
     OMP_NUM_THREADS=1 python benchmarks/attribution.py --classes loss,all --steps 20
 """
 
@@ -364,10 +364,13 @@ def main(argv: list[str] | None = None) -> None:
         + ", ".join(
             f"{s.key} ({s.label}{f'; {s.attention} only' if s.attention else ''})" for s in build_settings(30, 9)
         )
-        + ". Part (a) takes about 25 s per class with 3 batches on one core, part (b) about 9 s per step.",
+        + ". Part (a) takes about 8 s per class and batch on one core (plus ~70 s of set-up), part (b) about"
+        + " 8 s per step and setting.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--batches", type=int, default=3, help="batches the gradient error is averaged over")
+    parser.add_argument(
+        "--batches", type=int, default=2, help="batches the gradient error is averaged over (3: ~16 min on one core)"
+    )
     parser.add_argument("--steps", type=int, default=0, help="AdamW steps before the validation loss (0: skip part b)")
     parser.add_argument("--rank", type=float, default=0.125, help="rank of the compressed class (fraction of N)")
     parser.add_argument(
