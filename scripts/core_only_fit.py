@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from loract_lightning import ActivationMemoryMonitor, LoRAct
 
 STEPS = 4
+BATCH = 128  # rows: the default min_width=64 keeps narrower activations raw
 EXTRA = 'pip install "loract-lightning[report]"'
 
 
@@ -41,13 +42,14 @@ class Tiny(pl.LightningModule):
 
 def fit(callbacks: list[pl.Callback], root: Path) -> pl.Trainer:
     generator = torch.Generator().manual_seed(0)
-    inputs, targets = torch.randn(STEPS * 32, 64, generator=generator), torch.randn(STEPS * 32, 1, generator=generator)
+    inputs = torch.randn(STEPS * BATCH, 64, generator=generator)
+    targets = torch.randn(STEPS * BATCH, 1, generator=generator)
     data = TensorDataset(inputs, targets)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, callbacks=callbacks,
     )  # fmt: skip
-    trainer.fit(Tiny(), DataLoader(data, batch_size=32))
+    trainer.fit(Tiny(), DataLoader(data, batch_size=BATCH))
     if trainer.global_step != STEPS:
         sys.exit(f"FAIL: the fit ran {trainer.global_step} of {STEPS} steps")
     return trainer
