@@ -55,6 +55,8 @@ class LoRAct(StepCaptureCallback):
         min_width: activations narrower than this (columns or rows) stay raw.
         checkpoint: layer mode: module class names or glob patterns to run under activation
             checkpointing; only their inputs are saved, compressed.
+        compress_outside: layer mode: what is saved outside the checkpointed modules gets default
+            mode's treatment (``saved_by``, ``layers``; masks exact); False keeps it raw.
         seed: seed of the compressor's own random generator.
         power_iters: power iterations of the randomized methods (None: the method's default).
         oversample: extra sketch columns of the randomized methods (None: the method's default).
@@ -92,6 +94,7 @@ class LoRAct(StepCaptureCallback):
         saved_by: list[str] | None = list(LINEAR_LAYERS),  # noqa: B006 - never mutated; shows in --help
         min_width: int = 64,
         checkpoint: list[str] | None = None,
+        compress_outside: bool = True,
         seed: int = 0,
         power_iters: int | None = None,
         oversample: int | None = None,
@@ -110,6 +113,7 @@ class LoRAct(StepCaptureCallback):
             saved_by=saved_by,
             min_width=min_width,
             checkpoint=checkpoint or (),
+            compress_outside=compress_outside,
             seed=seed,
             power_iters=power_iters,
             oversample=oversample,

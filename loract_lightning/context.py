@@ -244,11 +244,12 @@ class ActivationCompressor:
         reason = policy.structural_reason(tensor, self.options.min_bytes, self.options.min_width)
         if reason is not None:
             return reason, None
-        if self.layer_mode:
-            if module_name not in self.checkpointed_modules:
+        # A checkpointed module's input is compressed whatever the module's class.
+        if not (self.layer_mode and module_name in self.checkpointed_modules):
+            if self.layer_mode and not self.options.compress_outside:
                 return policy.OUTSIDE_CHECKPOINT, None
-        elif not self._is_saved_by_target(module_name):
-            return policy.OTHER_MODULE, None
+            if not self._is_saved_by_target(module_name):
+                return policy.OTHER_MODULE, None
         if record.kept_raw:
             # Its storage stays alive anyway: a compact copy would only add memory.
             return policy.STORAGE_KEPT_RAW, None

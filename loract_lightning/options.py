@@ -42,8 +42,13 @@ class CompressionOptions:
             fractional rank of a narrow matrix is a handful of directions (LoRA's rank-8
             intermediate at rank 1/8 is rank 1: LoRA-B gradient error 0.60 on SmolLM2).
         checkpoint: layer mode: module class names or glob patterns; those modules run under
-            activation checkpointing and only their inputs are saved, compressed. Tensors saved
-            outside them stay raw.
+            activation checkpointing and only their inputs are saved, compressed whatever their
+            class. What is saved outside them follows ``compress_outside``.
+        compress_outside: layer mode: tensors saved outside the checkpointed modules (the LM
+            head's input, a classifier's, the final norm's) get default mode's treatment: those
+            that ``saved_by`` modules save are compressed under ``rank``/``layers``, masks are
+            stored exactly, the rest (the loss's log-probabilities with the default ``saved_by``)
+            stays raw. False keeps everything outside raw (the paper's layer mode).
         seed: seed of the compressor's own random generator (the global RNG is never drawn from).
         power_iters: power iterations of the randomized methods (None: the method's default,
             0 for sampled_qb, 2 for randomized_svd).
@@ -77,6 +82,7 @@ class CompressionOptions:
     saved_by: Sequence[str] | None = LINEAR_LAYERS
     min_width: int = 64
     checkpoint: Sequence[str] = ()
+    compress_outside: bool = True
     seed: int = 0
     power_iters: int | None = None
     oversample: int | None = None
@@ -114,8 +120,9 @@ class CompressionOptions:
         uses_auto = self.rank == AUTO or AUTO in (self.layers or {}).values()
         if uses_auto and self.method != "sampled_qb":
             raise ValueError(f"rank='auto' needs method='sampled_qb', got method={self.method!r}")
-        if not isinstance(self.side_stream, bool):
-            raise TypeError(f"side_stream must be True or False, got {self.side_stream!r}")
+        for name in ("side_stream", "compress_outside"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.factor_dtype not in FACTOR_DTYPES:
             raise ValueError(f"factor_dtype must be one of {list(FACTOR_DTYPES)}, got {self.factor_dtype!r}")
         if isinstance(self.checkpoint, str) or not all(isinstance(c, str) for c in self.checkpoint or ()):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loract_lightning import ActivationCompressor, compress_activations
-from loract_lightning.packed import RawTensor
+from loract_lightning.packed import LowRankFactors, PackedTensor, RawTensor
 
 KNOWN_INPUT_RANK = 2
 # Rank of the largest saved activation in KnownRankNet: block 2 squares a rank-8 tensor.
@@ -71,6 +71,11 @@ def run_and_backward(model: nn.Module, loss_fn, seed: int = 0, **compress_option
         loss = loss_fn()
     loss.backward()
     return flat_gradients(model), stats
+
+
+def is_factorized(packed: object) -> bool:
+    """Whether a pack result holds low-rank factors (not a raw tensor, not an exact mask)."""
+    return isinstance(packed, PackedTensor) and isinstance(packed.region, LowRankFactors)
 
 
 def spy_on_pack(compressor: ActivationCompressor) -> list[dict]:

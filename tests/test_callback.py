@@ -155,6 +155,7 @@ def test_mixed_precision_fit_matches_the_uncompressed_one(tmp_path, precision):
         ({"method": "qr"}, "method must be one of"),
         ({"layers": {"x": 2.0}}, r"layers\['x'\] must be"),
         ({"checkpoint": "Block"}, "checkpoint must be a list"),
+        ({"compress_outside": "yes"}, "compress_outside must be True or False, got 'yes'"),
     ],
 )
 def test_bad_options_fail_at_construction(options, message):

@@ -7,19 +7,16 @@ import collections
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPORT, run_and_backward, spy_on_pack
+from conftest import REPORT, is_factorized, run_and_backward, spy_on_pack
 
 from loract_lightning import ActivationCompressor
-from loract_lightning.packed import LowRankFactors, PackedTensor, StoredRegion
+from loract_lightning.packed import PackedTensor, StoredRegion
+from loract_lightning.policy import LINEAR_LAYERS, has_class
 
 pytestmark = pytest.mark.slow
 
 RANK = 0.125
 MIN_BYTES = 1 << 16
-
-
-def is_factorized(packed) -> bool:
-    return isinstance(packed, PackedTensor) and isinstance(packed.region, LowRankFactors)
 
 
 def capture_with_spy(model, loss_fn, **options):
@@ -95,15 +92,24 @@ def test_bert_dropout_masks_are_stored_exactly(bert):
             assert torch.equal(call["packed"].unpack(), call["tensor"])
 
 
-def test_layer_mode_keeps_only_block_inputs_compressed(real_model):
+@pytest.mark.parametrize("compress_outside", [True, False], ids=["outside", "blocks_only"])
+def test_layer_mode_compresses_block_inputs_and_outside_only_linear_inputs(real_model, compress_outside):
     name, model, loss_fn, blocks = real_model
-    stats, calls, _ = capture_with_spy(model, loss_fn, checkpoint=blocks)
-    block_names = {n for n, m in model.named_modules() if type(m).__name__ in blocks}
-    compressed = [call for call in calls if is_factorized(call["packed"])]
+    stats, calls, _ = capture_with_spy(model, loss_fn, checkpoint=blocks, compress_outside=compress_outside)
+    modules = dict(model.named_modules())
+    block_names = {n for n, m in modules.items() if type(m).__name__ in blocks}
+    compressed = [call["module"] for call in calls if is_factorized(call["packed"])]
     # One hidden-state input per block, and nothing from inside a block ever reaches the hook.
-    assert sorted(call["module"] for call in compressed) == sorted(block_names)
+    assert sorted(m for m in compressed if m in block_names) == sorted(block_names)
     assert not any(call["module"].startswith(tuple(f"{b}." for b in block_names)) for call in calls)
-    assert stats.compressed == len(block_names), f"{name}: {stats}"
+    outside = [m for m in compressed if m not in block_names]
+    if not compress_outside:
+        assert outside == [] and stats.kept["outside_checkpoint"] > 0, f"{name}: {stats}"
+        return
+    # Outside the blocks, default mode's rule: only what linear layers save (the loss stays raw).
+    assert all(has_class(modules[m], LINEAR_LAYERS) for m in outside), outside
+    if name == "llama":  # the trainable LM head's input, 512 tokens x 256
+        assert outside == ["lm_head"]
 
 
 @pytest.mark.parametrize("name", ["llama", "bert"])  # timm's ViT shares no saved storage (fused qkv)

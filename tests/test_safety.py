@@ -86,7 +86,8 @@ def test_layer_mode_refuses_a_block_that_writes_its_own_input(rank):
     x = low_rank_input()
     with pytest.raises(RuntimeError, match=INPLACE_ERROR):  # torch's own checkpoint
         torch.utils.checkpoint.checkpoint(model.block, model.inp(x), use_reentrant=False).pow(2).sum().backward()
-    with compress_activations(model, rank=rank, min_bytes=0, checkpoint=["ScalesItsInput"]) as stats:
+    options = {"min_bytes": 0, "checkpoint": ["ScalesItsInput"], "compress_outside": False}  # the block alone
+    with compress_activations(model, rank=rank, **options) as stats:
         loss = model(x)
     assert stats.compressed == (1 if rank == 8 else 0)
     with pytest.raises(RuntimeError, match=INPLACE_ERROR):
@@ -237,13 +238,15 @@ def test_layer_mode_takes_over_transformers_gradient_checkpointing():
         loss = loss_fn()
     loss.backward()
     assert torch.allclose(flat_gradients(model), expected, rtol=1e-5, atol=1e-7)
-    assert stats.kept["outside_checkpoint"] > 0
-    # At a lossy rank the layers' inputs (2 x 64 x 64 fp32) are what gets compressed.
+    # At a lossy rank the layers' inputs (2 x 64 x 64 fp32) are compressed, and outside them the
+    # LM head's input (saved by a Linear); the loss's log-probabilities stay raw.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with compress_activations(model, rank=4, min_bytes=0, checkpoint=["LlamaDecoderLayer"]) as stats:
             model(input_ids=ids, labels=ids).loss.backward()
-    assert stats.compressed == 2 and set(stats.modules) >= {"model.layers.0", "model.layers.1"}
+    compressed = {name for name, module in stats.modules.items() if module.compressed}
+    assert compressed == {"model.layers.0", "model.layers.1", "lm_head"}, stats
+    assert stats.compressed == 3 and stats.kept["not_in_saved_by"] > 0
 
 
 def test_layer_mode_refuses_a_prefilled_kv_cache():
