@@ -177,7 +177,11 @@ def build_settings(num_layers: int, num_heads: int) -> list[Setting]:
             "6b. everything but the loss, `*.self_attn` and `*.lora_B.default`",
             {"layers": {"base_model.model": None, "*.self_attn": None, "*.lora_B.default": None}},
         ),
-        Setting("layer", "7. layer mode `checkpoint: [LlamaDecoderLayer]`", {"checkpoint": ["LlamaDecoderLayer"]}),
+        Setting(
+            "layer",
+            "7. layer mode `checkpoint: [LlamaDecoderLayer]` (blocks only)",
+            {"checkpoint": ["LlamaDecoderLayer"], "compress_outside": False},
+        ),
         Setting(
             "defaults",
             "8. the library's defaults (`saved_by`: linear layers, `min_width` 64, `min_bytes` 1 MiB)",
@@ -190,7 +194,7 @@ def build_settings(num_layers: int, num_heads: int) -> list[Setting]:
             Setting(
                 f"layer-{where}",
                 f"7{where[0]}. layer mode, {where} {len(names)} blocks ({indices.start}-{indices.stop - 1})",
-                {"checkpoint": names},
+                {"checkpoint": names, "compress_outside": False},
             )
         )
     return settings

