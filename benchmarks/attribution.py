@@ -183,6 +183,21 @@ def build_settings(num_layers: int, num_heads: int) -> list[Setting]:
             {"checkpoint": ["LlamaDecoderLayer"], "compress_outside": False},
         ),
         Setting(
+            "layer-quarter",
+            "7q. layer mode, blocks only, rank 1/4 whatever `--rank`",
+            {"checkpoint": ["LlamaDecoderLayer"], "compress_outside": False, "rank": 0.25},
+        ),
+        Setting(
+            "layer-power",
+            "7p. layer mode, blocks only, sampled QB with one power iteration",
+            {"checkpoint": ["LlamaDecoderLayer"], "compress_outside": False, "power_iters": 1},
+        ),
+        Setting(
+            "layer-svd",
+            "7s. layer mode, blocks only, exact truncated SVD (the best any rank-k factorization can do)",
+            {"checkpoint": ["LlamaDecoderLayer"], "compress_outside": False, "method": "truncated_svd"},
+        ),
+        Setting(
             "defaults",
             "8. the library's defaults (`saved_by`: linear layers, `min_width` 64, `min_bytes` 1 MiB)",
             {"saved_by": LINEAR_LAYERS, "min_width": 64, "min_bytes": 1 << 20},
@@ -247,7 +262,8 @@ class ClassMemory:
 def make_compressor(model: nn.Module, setting: Setting, args: argparse.Namespace) -> ActivationCompressor:
     # Each class is chosen by module globs alone, so the library's own filters are off here
     # (saved_by=None, min_width=0) unless a setting sets them (the "defaults" class does).
-    options = {"rank": args.rank, "min_bytes": args.min_bytes, "saved_by": None, "min_width": 0, **setting.options}
+    options = {"rank": args.rank, "min_bytes": args.min_bytes, "saved_by": None, "min_width": 0, "seed": args.seed}
+    options |= setting.options
     if "layers" in options:  # the 0.0 placeholders of build_settings: the setting's rank
         options["layers"] = {glob: (None if r is None else args.rank) for glob, r in options["layers"].items()}
     if args.keep_row_norms != "auto":
@@ -405,6 +421,9 @@ def main(argv: list[str] | None = None) -> None:
         help="sdpa saves q, k, v, output and log-sum-exp; eager saves q, k, v and the softmax probabilities",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the LoRA initialisation, batch order, dropout and sketches"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -413,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     from examples.pretrained import resolve_causal_lm
 
     path = resolve_causal_lm(args.model)
-    torch.manual_seed(0)  # the LoRA initialisation
+    torch.manual_seed(args.seed)  # the LoRA initialisation
     model = load_model(path, args.attn_implementation)
     params = trainable(model)
     config = model.base_model.model.config
@@ -426,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = [every[k] for k in keys]
 
     train, val = load_windows(path, args.seq_len, args.max_chars)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
     bs = args.batch_size
     take = lambda first, count: [train[order[first + i * bs : first + (i + 1) * bs]] for i in range(count)]  # noqa: E731
     grad_batches = take(0, args.batches)
@@ -443,7 +462,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # (a) gradients at the warmed-up point ------------------------------------------------------
     tic = time.perf_counter()
-    train_steps(model, params, warmup_batches, seed=2000)
+    dropout_seed = 10_000 * args.seed  # dropout masks: the same in every setting of one run
+    train_steps(model, params, warmup_batches, seed=dropout_seed + 2000)
     warmed = {name: p.detach().clone() for name, p in params}
     measure = ActivationCompressor(model, compress=False)
     references, ref_stats = [], []
@@ -510,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
         tic = time.perf_counter()
         restore(initial)
         before = validation_loss(model, val_windows, bs)
-        train_steps(model, params, step_batches, seed=3000)
+        train_steps(model, params, step_batches, seed=dropout_seed + 3000)
         baseline = validation_loss(model, val_windows, bs)
         print(
             f"# (b) val loss before {before:.4f}, after {args.steps} uncompressed steps {baseline:.4f}; "
@@ -520,7 +540,8 @@ def main(argv: list[str] | None = None) -> None:
         for row in rows:
             tic = time.perf_counter()
             restore(initial)
-            train_steps(model, params, step_batches, seed=3000, compressor=make_compressor(model, row["setting"], args))
+            compressor = make_compressor(model, row["setting"], args)
+            train_steps(model, params, step_batches, seed=dropout_seed + 3000, compressor=compressor)
             row["val"] = validation_loss(model, val_windows, bs)
             row["seconds_b"] = time.perf_counter() - tic
             print(f"# (b) {row['setting'].key}: val {row['val']:.4f}; {row['seconds_b']:.0f} s", flush=True)

@@ -2,17 +2,18 @@
 
 Each setting runs in a fresh process (``--worker``), so no setting inherits another's heap. The
 process builds the model and an AdamW optimizer, runs ``--warmup`` full training steps (forward,
-backward, optimizer step), then measures one step:
+backward, optimizer step), times ``--steps`` more, then measures one last step:
 
+- step time: the median of the ``--steps`` timed steps (forward + backward + optimizer step);
 - held after forward: on the CPU, resident memory after the forward minus resident memory just
-  before it (glibc is run with ``MALLOC_MMAP_THRESHOLD_=65536`` and trimmed before the step, so
-  freed tensors leave the resident set and reused heap pages do not hide new ones); on CUDA,
-  ``memory_allocated`` after the forward minus before;
+  before it (for this step glibc maps every block above 64 KiB on its own and the heap is
+  trimmed first, so freed tensors leave the resident set and reused heap pages do not hide new
+  ones); on CUDA, ``memory_allocated`` after the forward minus before;
 - peak: on the CPU, the peak resident memory (``VmHWM``, reset through ``/proc/self/clear_refs``
   just before the step) over forward + backward + optimizer step, minus resident memory before
-  it: what the step needs beyond the weights, gradients-free optimizer state and batch it starts
-  from. On CUDA, ``max_memory_allocated`` minus ``memory_allocated`` before the step;
-- step time: the median of ``--steps`` further steps (forward + backward + optimizer step).
+  it: what the step needs beyond the weights, optimizer state and batch it starts from
+  (gradients are freed between steps, ``zero_grad(set_to_none=True)``, as Lightning does). On CUDA, ``max_memory_allocated`` minus ``memory_allocated`` before the step. The
+  phase (forward, backward, optimizer step) where the peak sits is reported too.
 
 Models: ``smollm2``, SmolLM2-135M-Instruct (the README's main job: pretrained weights, peft LoRA
 r8 on every projection, real Shakespeare windows) and ``llama``, the Llama h256 L4 config
@@ -31,6 +32,8 @@ it today.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import json
 import os
@@ -52,6 +55,7 @@ from loract_lightning import ActivationCompressor, causal_lm_loss
 from loract_lightning.host_memory import release_free_memory, resident_bytes
 
 MIB = 2**20
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 BLOCK = "LlamaDecoderLayer"
 RESULTS = Path(__file__).parent / "results"
 
@@ -109,6 +113,15 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, list[Te
     return model.to(args.device), [b.to(args.device) for b in batches]
 
 
+def mmap_large_blocks() -> None:
+    """Make glibc map every block above 64 KiB on its own and unmap it when freed, so the resident
+    set follows what is allocated. By default freed blocks of up to 32 MiB stay in the heap, and a
+    step that reuses them would not show in the resident set. Slows allocation: set after timing."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024):
+        raise SystemExit("mallopt(M_MMAP_THRESHOLD) failed: the CPU peak needs glibc")
+
+
 def current_bytes(cuda: bool) -> int:
     """Memory in use now: CUDA-allocated bytes, or on the CPU the resident set."""
     if cuda:
@@ -155,21 +168,28 @@ def measure(name: str, key: str, args: argparse.Namespace) -> dict:
             return causal_lm_loss(model, ids, labels=ids, chunk_tokens=args.chunk_tokens)
         return model(input_ids=ids, labels=ids).loss
 
-    def finish(loss: Tensor) -> None:
+    def step(ids: Tensor) -> None:
+        with context():
+            loss = loss_of(ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def step(ids: Tensor) -> None:
-        with context():
-            loss = loss_of(ids)
-        finish(loss)
-
     for ids in batches[: args.warmup]:
         step(ids)
-    ids = batches[args.warmup]
+    times = []
+    for ids in batches[args.warmup : -1]:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(ids)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    ids = batches[-1]
     gc.collect()
     if not cuda:
+        mmap_large_blocks()
         release_free_memory()
     before = current_bytes(cuda)
     peaks = {}  # phase of the step -> its peak above ``before``
@@ -186,15 +206,6 @@ def measure(name: str, key: str, args: argparse.Namespace) -> dict:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     peaks["optimizer"] = peak_bytes(cuda) - before
-    times = []
-    for ids in batches[args.warmup + 1 :]:
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(ids)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
     return {
         "model": name, "setting": key, "label": setting.label, "device": args.device,
         "batch": args.batch, "seq": args.seq, "rank": args.rank, "chunk_tokens": args.chunk_tokens,
@@ -209,7 +220,7 @@ def measure(name: str, key: str, args: argparse.Namespace) -> dict:
 
 
 def run_worker(name: str, key: str, args: argparse.Namespace) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     forwarded = ["--batch", args.batch, "--seq", args.seq, "--rank", args.rank, "--warmup", args.warmup]
     forwarded += ["--steps", args.steps, "--chunk-tokens", args.chunk_tokens, "--device", args.device]
     forwarded += ["--threads", args.threads]
@@ -271,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=float, default=0.125)
     parser.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk of the chunked loss")
     parser.add_argument("--warmup", type=int, default=1, help="full training steps before the measured one")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after the measured one (median)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps before the measured one (median)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "peak_memory.json")

@@ -73,6 +73,20 @@ def run_and_backward(model: nn.Module, loss_fn, seed: int = 0, **compress_option
     return flat_gradients(model), stats
 
 
+def tiny_llama(
+    hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 4, vocab: int = 1000, intermediate: int = 0,
+    **config: object,
+):  # fmt: skip
+    """A small randomly initialised transformers ``LlamaForCausalLM`` in train mode (seed it first);
+    ``intermediate`` 0 means twice ``hidden``; ``config`` goes to ``LlamaConfig``."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab, **config,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).train()
+
+
 def is_factorized(packed: object) -> bool:
     """Whether a pack result holds low-rank factors (not a raw tensor, not an exact mask)."""
     return isinstance(packed, PackedTensor) and isinstance(packed.region, LowRankFactors)

@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import KNOWN_MAX_RANK, KnownRankNet
+from conftest import KNOWN_MAX_RANK, KnownRankNet, tiny_llama
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lit_models import (
@@ -165,16 +165,12 @@ def test_bad_options_fail_at_construction(options, message):
 
 @pytest.mark.slow
 def test_a_real_model_trains_at_rank_one_eighth(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
 
     class TinyLlama(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            config = transformers.LlamaConfig(
-                hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=4, vocab_size=512, max_position_embeddings=64,
-            )  # fmt: skip
-            self.model = transformers.LlamaForCausalLM(config)
+            self.model = tiny_llama(hidden=128, intermediate=512, vocab=512, max_position_embeddings=64)
 
         def training_step(self, batch, batch_idx):
             loss = self.model(input_ids=batch[0], labels=batch[0]).loss

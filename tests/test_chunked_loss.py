@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_llama
 from torch import nn
 
 from loract_lightning import causal_lm_loss, chunked_cross_entropy, compress_activations
@@ -45,13 +46,8 @@ def test_bad_chunk_size_and_shapes_are_refused():
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "peft_lora"])
 def test_causal_lm_loss_equals_transformers_loss(lora):
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=700, use_cache=False,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).train()
+    model = tiny_llama(kv_heads=2, vocab=700, use_cache=False)
     if lora:
         peft = pytest.importorskip("peft")
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))

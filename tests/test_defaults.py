@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import spy_on_pack
+from conftest import spy_on_pack, tiny_llama
 from torch import nn
 
 from loract_lightning import ActivationCompressor, CompressionOptions
@@ -23,14 +23,9 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 @pytest.fixture(scope="module")
 def lora_llama():
     """A small Llama whose token embeddings have a decaying spectrum (as pretrained ones do), with LoRA."""
-    transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        vocab_size=2000, use_cache=False,
-    )  # fmt: skip
-    base = transformers.LlamaForCausalLM(config)
+    base = tiny_llama(hidden=128, intermediate=384, heads=2, kv_heads=2, vocab=2000, use_cache=False)
     with torch.no_grad():
         left = torch.linalg.qr(torch.randn(2000, 128)).Q
         right = torch.linalg.qr(torch.randn(128, 128)).Q

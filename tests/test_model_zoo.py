@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import flat_gradients, spy_on_pack
+from conftest import flat_gradients, spy_on_pack, tiny_llama
 from lit_models import saved_tensor_hooks_installed
 from torch import nn
 
@@ -37,12 +37,7 @@ def gpt2():
 
 
 def llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=500,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config)
+    model = tiny_llama(kv_heads=2, vocab=500)
     ids, mask = torch.randint(0, 500, (2, 64)), _padding_mask(2, 64)
     return model, lambda: model(input_ids=ids, attention_mask=mask, labels=ids).loss, ["LlamaDecoderLayer"]
 

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import KnownRankNet, flat_gradients, run_and_backward, spy_on_pack
+from conftest import KnownRankNet, flat_gradients, run_and_backward, spy_on_pack, tiny_llama
 from torch import nn
 
 from loract_lightning import ActivationCompressor, compress_activations
@@ -215,13 +215,8 @@ def test_empty_activations_stay_raw():
 
 
 def test_layer_mode_takes_over_transformers_gradient_checkpointing():
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        vocab_size=1000, attn_implementation="eager",
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).train()
+    model = tiny_llama(attn_implementation="eager")
     model.gradient_checkpointing_enable()
     ids = torch.randint(0, 1000, (2, 64))
 
@@ -250,12 +245,7 @@ def test_layer_mode_takes_over_transformers_gradient_checkpointing():
 
 
 def test_layer_mode_refuses_a_prefilled_kv_cache():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
-        vocab_size=1000,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).train()
+    model = tiny_llama(layers=1)
     with torch.no_grad():
         prefix = model(input_ids=torch.randint(0, 1000, (1, 8)), use_cache=True).past_key_values
     with (
