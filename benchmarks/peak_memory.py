@@ -12,8 +12,9 @@ backward, optimizer step), times ``--steps`` more, then measures one last step:
 - peak: on the CPU, the peak resident memory (``VmHWM``, reset through ``/proc/self/clear_refs``
   just before the step) over forward + backward + optimizer step, minus resident memory before
   it: what the step needs beyond the weights, optimizer state and batch it starts from
-  (gradients are freed between steps, ``zero_grad(set_to_none=True)``, as Lightning does). On CUDA, ``max_memory_allocated`` minus ``memory_allocated`` before the step. The
-  phase (forward, backward, optimizer step) where the peak sits is reported too.
+  (gradients are freed between steps, ``zero_grad(set_to_none=True)``, as Lightning does). On
+  CUDA, ``max_memory_allocated`` minus ``memory_allocated`` before the step. The phase
+  (forward, backward, optimizer step) where the peak sits is reported too.
 
 Models: ``smollm2``, SmolLM2-135M-Instruct (the README's main job: pretrained weights, peft LoRA
 r8 on every projection, real Shakespeare windows) and ``llama``, the Llama h256 L4 config
@@ -22,8 +23,8 @@ decoder layer; AC with the chunked loss (:func:`loract_lightning.causal_lm_loss`
 (CUDA only: on the CPU it is the uncompressed step); LoRAct default mode (the library's
 defaults); LoRAct layer mode with only the blocks' inputs compressed (``compress_outside=False``,
 the paper's layer mode); LoRAct layer mode (the default ``compress_outside=True``); and the
-LoRAct settings with the chunked loss. Every ratio is to AC with the ordinary loss, as users run
-it today.
+LoRAct settings with the chunked loss, and layer mode at rank 1/4 with it. Every ratio is to AC
+with the ordinary loss, as users run it today.
 
     python benchmarks/peak_memory.py                       # both models, every setting, CPU
     python benchmarks/peak_memory.py --models smollm2 --batch 8 --seq 512 --device cuda
@@ -75,12 +76,15 @@ SETTINGS = {
     "ac": Setting("activation checkpointing (AC)", AC),
     "ac-chunked": Setting("AC + chunked loss", AC, chunked_loss=True),
     "save-on-cpu": Setting("save_on_cpu", None, cuda_only=True),
-    "default": Setting("LoRAct default mode 1/8 (linear inputs)", {}),
-    "layer-blocks": Setting("LoRAct layer 1/8, blocks only (compress_outside=False)", BLOCKS_ONLY),
-    "layer": Setting("LoRAct layer 1/8 (outside compressed)", {"checkpoint": [BLOCK]}),
-    "default-chunked": Setting("LoRAct default 1/8 + chunked loss", {}, chunked_loss=True),
-    "layer-blocks-chunked": Setting("LoRAct layer 1/8, blocks only + chunked loss", BLOCKS_ONLY, chunked_loss=True),
-    "layer-chunked": Setting("LoRAct layer 1/8 + chunked loss", {"checkpoint": [BLOCK]}, chunked_loss=True),
+    "default": Setting("LoRAct default mode (linear inputs)", {}),
+    "layer-blocks": Setting("LoRAct layer, blocks only (compress_outside=False)", BLOCKS_ONLY),
+    "layer": Setting("LoRAct layer (outside compressed)", {"checkpoint": [BLOCK]}),
+    "default-chunked": Setting("LoRAct default + chunked loss", {}, chunked_loss=True),
+    "layer-blocks-chunked": Setting("LoRAct layer, blocks only + chunked loss", BLOCKS_ONLY, chunked_loss=True),
+    "layer-chunked": Setting("LoRAct layer + chunked loss", {"checkpoint": [BLOCK]}, chunked_loss=True),
+    "layer-quarter-chunked": Setting(
+        "LoRAct layer at rank 1/4 + chunked loss", {"checkpoint": [BLOCK], "rank": 0.25}, chunked_loss=True
+    ),
 }  # fmt: skip
 
 
@@ -154,7 +158,7 @@ def measure(name: str, key: str, args: argparse.Namespace) -> dict:
     setting = SETTINGS[key]
     model, batches = build_model(name, args)
     if setting.options is not None:
-        compressor = ActivationCompressor(model, rank=args.rank, **setting.options)
+        compressor = ActivationCompressor(model, **({"rank": args.rank} | setting.options))
         context: Callable[[], AbstractContextManager] = compressor.capture
     elif key == "save-on-cpu":
         context = lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)  # noqa: E731
@@ -280,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=float, default=0.125)
-    parser.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk of the chunked loss")
+    parser.add_argument("--chunk-tokens", type=int, default=128, help="tokens per chunk of the chunked loss")
     parser.add_argument("--warmup", type=int, default=1, help="full training steps before the measured one")
     parser.add_argument("--steps", type=int, default=3, help="timed steps before the measured one (median)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
