@@ -244,6 +244,27 @@ def test_layer_mode_takes_over_transformers_gradient_checkpointing():
     assert stats.compressed == 3 and stats.kept["not_in_saved_by"] > 0
 
 
+def test_layer_mode_treats_what_is_saved_outside_the_blocks_as_default_mode_does():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    ids = torch.randint(0, 1000, (2, 64))
+    options = {"rank": 4, "min_bytes": 0, "checkpoint": ["LlamaDecoderLayer"]}
+
+    def compressed_modules(**more) -> tuple[set[str], object]:
+        with compress_activations(model, **options, **more) as stats:
+            model(input_ids=ids, labels=ids).loss.backward()
+        return {name for name, module in stats.modules.items() if module.compressed}, stats
+
+    blocks = {"model.layers.0", "model.layers.1"}
+    compressed, stats = compressed_modules()
+    assert compressed == blocks | {"lm_head"}  # the trainable head's input, saved by a Linear
+    assert stats.kept["not_in_saved_by"] > 0  # the final norm's and the loss's tensors stay raw
+    compressed, stats = compressed_modules(layers={"lm_head": None})  # `layers` globs apply outside too
+    assert compressed == blocks and stats.kept["disabled_by_layers"] == 1
+    compressed, stats = compressed_modules(compress_outside=False)
+    assert compressed == blocks and stats.kept["outside_checkpoint"] > 0 and stats.kept["not_in_saved_by"] == 0
+
+
 def test_layer_mode_refuses_a_prefilled_kv_cache():
     model = tiny_llama(layers=1)
     with torch.no_grad():
