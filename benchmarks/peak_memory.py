@@ -1,13 +1,13 @@
 """Peak memory of a training step, the way a user feels it: LoRAct against activation checkpointing.
 
-Each setting runs in a fresh process (``--worker``), so no setting inherits another's heap. The
-process builds the model and an AdamW optimizer, runs ``--warmup`` full training steps (forward,
-backward, optimizer step), times ``--steps`` more, then measures one last step:
+Each setting runs in two fresh processes (``--worker``), so no setting inherits another's heap.
+Each builds the model and an AdamW optimizer and runs ``--warmup`` full training steps (forward,
+backward, optimizer step); then one times ``--steps`` steps and the other measures one step:
 
 - step time: the median of the ``--steps`` timed steps (forward + backward + optimizer step);
 - held after forward: on the CPU, resident memory after the forward minus resident memory just
-  before it (for this step glibc maps every block above 64 KiB on its own and the heap is
-  trimmed first, so freed tensors leave the resident set and reused heap pages do not hide new
+  before it (that process runs glibc with ``MALLOC_MMAP_THRESHOLD_=65536`` and trims the heap
+  before the step, so freed tensors leave the resident set and reused heap pages do not hide new
   ones); on CUDA, ``memory_allocated`` after the forward minus before;
 - peak: on the CPU, the peak resident memory (``VmHWM``, reset through ``/proc/self/clear_refs``
   just before the step) over forward + backward + optimizer step, minus resident memory before
@@ -33,8 +33,6 @@ with the ordinary loss, as users run it today.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import gc
 import json
 import os
@@ -56,7 +54,6 @@ from loract_lightning import ActivationCompressor, causal_lm_loss
 from loract_lightning.host_memory import release_free_memory, resident_bytes
 
 MIB = 2**20
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 BLOCK = "LlamaDecoderLayer"
 RESULTS = Path(__file__).parent / "results"
 
@@ -93,7 +90,7 @@ SETTINGS = {
 
 def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, list[Tensor]]:
     """(model in train mode, token batches) for ``smollm2`` or ``llama``."""
-    count = args.warmup + 1 + args.steps
+    count = args.warmup + max(args.steps, 1)
     if name == "smollm2":
         from attribution import load_model, load_windows
 
@@ -115,15 +112,6 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, list[Te
     if len(batches[-1]) < args.batch:
         raise SystemExit(f"not enough text for {count} batches of {args.batch} x {args.seq} tokens")
     return model.to(args.device), [b.to(args.device) for b in batches]
-
-
-def mmap_large_blocks() -> None:
-    """Make glibc map every block above 64 KiB on its own and unmap it when freed, so the resident
-    set follows what is allocated. By default freed blocks of up to 32 MiB stay in the heap, and a
-    step that reuses them would not show in the resident set. Slows allocation: set after timing."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if not libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024):
-        raise SystemExit("mallopt(M_MMAP_THRESHOLD) failed: the CPU peak needs glibc")
 
 
 def current_bytes(cuda: bool) -> int:
@@ -152,7 +140,8 @@ def reset_peak(cuda: bool) -> None:
         clear_refs.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
 
 
-def measure(name: str, key: str, args: argparse.Namespace) -> dict:
+def measure(name: str, key: str, phase: str, args: argparse.Namespace) -> dict:
+    """The ``phase`` ("time" or "memory") of one setting's figures, after ``--warmup`` steps."""
     torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     setting = SETTINGS[key]
@@ -181,19 +170,20 @@ def measure(name: str, key: str, args: argparse.Namespace) -> dict:
 
     for ids in batches[: args.warmup]:
         step(ids)
-    times = []
-    for ids in batches[args.warmup : -1]:
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(ids)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    ids = batches[-1]
+    if phase == "time":
+        times = []
+        for ids in batches[args.warmup :]:
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step(ids)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return {"step_seconds": statistics.median(times)}
+    ids = batches[args.warmup]
     gc.collect()
     if not cuda:
-        mmap_large_blocks()
         release_free_memory()
     before = current_bytes(cuda)
     peaks = {}  # phase of the step -> its peak above ``before``
@@ -211,11 +201,8 @@ def measure(name: str, key: str, args: argparse.Namespace) -> dict:
     optimizer.zero_grad(set_to_none=True)
     peaks["optimizer"] = peak_bytes(cuda) - before
     return {
-        "model": name, "setting": key, "label": setting.label, "device": args.device,
-        "batch": args.batch, "seq": args.seq, "rank": args.rank, "chunk_tokens": args.chunk_tokens,
         "held_bytes": held, "peak_bytes": max(peaks.values()), "peak_phase": max(peaks, key=peaks.get),
-        "phase_peak_bytes": peaks, "step_seconds": statistics.median(times),
-        "engine_saved_bytes": getattr(stats, "saved_bytes", None),
+        "phase_peak_bytes": peaks, "engine_saved_bytes": getattr(stats, "saved_bytes", None),
         "engine_stored_bytes": getattr(stats, "stored_bytes", None),
     }  # fmt: skip
 
@@ -223,16 +210,26 @@ def measure(name: str, key: str, args: argparse.Namespace) -> dict:
 # -- the table ---------------------------------------------------------------------------------
 
 
-def run_worker(name: str, key: str, args: argparse.Namespace) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+def run_setting(name: str, key: str, args: argparse.Namespace) -> dict:
+    """One table row: the time phase and the memory phase, each in a fresh process."""
+    row = {"model": name, "setting": key, "label": SETTINGS[key].label, "device": args.device}
+    row |= {"batch": args.batch, "seq": args.seq, "rank": args.rank, "chunk_tokens": args.chunk_tokens}
     forwarded = ["--batch", args.batch, "--seq", args.seq, "--rank", args.rank, "--warmup", args.warmup]
     forwarded += ["--steps", args.steps, "--chunk-tokens", args.chunk_tokens, "--device", args.device]
     forwarded += ["--threads", args.threads]
-    command = [sys.executable, __file__, "--worker", name, key, *map(str, forwarded)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{name}/{key} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    for phase in ("time", "memory"):
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        if phase == "memory":
+            # glibc maps every block above 64 KiB on its own and unmaps it when freed, so the
+            # resident set follows what is allocated (by default freed blocks of up to 32 MiB stay
+            # in the heap and a step reusing them would not show). It slows allocation: not timed.
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        command = [sys.executable, __file__, "--worker", name, key, phase, *map(str, forwarded)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{name}/{key} ({phase}) failed:\n{done.stderr[-3000:]}")
+        row |= json.loads(done.stdout.strip().splitlines()[-1])
+    return row
 
 
 def print_table(rows: list[dict]) -> None:
@@ -286,14 +283,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=float, default=0.125)
     parser.add_argument("--chunk-tokens", type=int, default=128, help="tokens per chunk of the chunked loss")
     parser.add_argument("--warmup", type=int, default=1, help="full training steps before the measured one")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps before the measured one (median)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median), in the time phase")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "peak_memory.json")
-    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("MODEL", "SETTING", "PHASE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(measure(*args.worker, args)))
+        print(json.dumps(measure(*args.worker, args)))  # model, setting, phase
         return
     keys = [k for k in args.settings if args.device == "cuda" or not SETTINGS[k].cuda_only]
     if "ac" not in keys:
@@ -305,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         model_rows = []
         for key in keys:
             tic = time.perf_counter()
-            model_rows.append(run_worker(name, key, args))
+            model_rows.append(run_setting(name, key, args))
             print(f"# {key}: {time.perf_counter() - tic:.0f} s", file=sys.stderr, flush=True)
         print_table(model_rows)
         rows += model_rows
