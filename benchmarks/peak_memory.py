@@ -260,12 +260,13 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         for row in (r for r in rows if r["model"] == name):
             marker = "o" if "LoRAct" in row["label"] else "s"
             axis.scatter(row["step_seconds"], row["peak_bytes"] / MIB, marker=marker)
-            axis.annotate(row["label"], (row["step_seconds"], row["peak_bytes"] / MIB), fontsize=7)
+            axis.annotate(row["setting"], (row["step_seconds"], row["peak_bytes"] / MIB), fontsize=7)
         first = next(r for r in rows if r["model"] == name)
         axis.set(
             title=f"{name} b{first['batch']} s{first['seq']} ({first['device']})",
             xlabel="step time, s",
-            ylabel="peak memory of the step, MiB",
+            ylabel="peak memory of the step, MiB (log scale)",
+            yscale="log",
         )
         axis.grid(alpha=0.3)
     figure.tight_layout()
