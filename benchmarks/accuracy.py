@@ -1,13 +1,17 @@
 """Full fine-tuning runs of the shipped configs over several seeds: accuracy and memory, mean ± std.
 
 Each run is ``python -m loract_lightning.cli fit --config <config>`` with its own seed and log
-folder; the final validation metrics come from the run's CSV log, the activation memory ratio
+folder; its metrics come from the run's CSV log: the last logged value of every ``val_*`` metric
+(validation after the last epoch), and the ``test_*``/``best_*`` metrics that the configs'
+``BestValidationTest`` logs (the test split scored with the best validation epoch's weights); the
+activation memory ratio
 (stored / saved bytes, averaged over training steps) from LoRAct's ``loract/ratio`` metric
 (1.0 for a run without LoRAct). ``--grid KEY=V1,V2`` runs every config once per value of a
 setting (a dotted path in the YAML; several ``--grid`` make a product); ``--ranks`` is the
 shorthand for the LoRAct callback's rank (the accuracy-vs-rank study).
 
-    python benchmarks/accuracy.py --configs text_baseline text_loract text_loract_layer --seeds 0 1 2
+    python benchmarks/accuracy.py --configs text_baseline text_loract text_loract_layer --seeds 0 1 2 \
+        --grid data.init_args.max_train_samples=3200 --grid trainer.max_epochs=2
     python benchmarks/accuracy.py --configs text_loract --ranks 0.0625 0.25 0.5 --seeds 0 1 2
     python benchmarks/accuracy.py --configs text_baseline --grid model.init_args.lr=3e-4,1e-3
 """
@@ -112,15 +116,20 @@ def launch(run: Run, config: dict, log_dir: Path, threads: int, extra: list[str]
     return read_metrics(log_dir / run.name / "version_0" / "metrics.csv", compressed=has_loract(config))
 
 
+REPORTED = ("val_", "test_", "best_")
+"""Prefixes of the logged metrics a run reports (last logged value of each)."""
+
+
 def read_metrics(path: Path, compressed: bool) -> dict:
-    """The last logged value of every ``val_*`` metric, and the mean of ``loract/ratio``."""
+    """The last logged value of every metric named with a ``REPORTED`` prefix, and the mean of
+    ``loract/ratio``."""
     with path.open() as handle:
         rows = list(csv.DictReader(handle))
     final: dict[str, float] = {}
     ratios = []
     for row in rows:
         for key, value in row.items():
-            if value and key.startswith("val_"):
+            if value and key.startswith(REPORTED):
                 final[key] = float(value)
         if row.get("loract/ratio"):
             ratios.append(float(row["loract/ratio"]))
@@ -142,8 +151,10 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
     return table
 
 
-def print_table(table: list[dict]) -> None:
-    metrics = sorted({key for row in table for key in row if key.startswith("val_") and not key.endswith("_std")})
+def print_table(table: list[dict], columns: list[str] | None = None) -> None:
+    """A markdown table: one row per variant, ``columns`` (default: every reported metric) as mean ± std."""
+    reported = sorted({key for row in table for key in row if key.startswith(REPORTED) and not key.endswith("_std")})
+    metrics = columns or reported
     print("| run | seeds | " + " | ".join(metrics) + " | memory ratio |")
     print("|---|---|" + "---|" * len(metrics) + "---|")
     for row in table:
@@ -158,6 +169,7 @@ def main() -> None:
     parser.add_argument("--ranks", nargs="*", type=float, default=[], help="ranks to run for LoRAct configs")
     parser.add_argument("--grid", nargs="*", default=[], help="KEY=V1,V2: run each value of a config setting")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    parser.add_argument("--columns", nargs="*", default=None, help="metrics to print (default: all val_/test_/best_)")
     parser.add_argument("--logs", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy_logs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy.json")
     parser.add_argument("extra", nargs="*", help="passed to every run, e.g. --trainer.accelerator=cuda")
@@ -193,7 +205,7 @@ def main() -> None:
             per_run[run.name] = metrics
     table = summarize(results)
     print()
-    print_table(table)
+    print_table(table, args.columns)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"runs": per_run, "summary": table}, indent=2))
     print(f"\nwritten to {args.out}")

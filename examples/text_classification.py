@@ -281,11 +281,17 @@ class TextClassifier(pl.LightningModule):
         lora_r: LoRA rank (0: fine-tune the head only).
         lora_alpha: LoRA scaling numerator.
         lora_targets: names of the linear layers that get adapters.
-        lr: AdamW learning rate.
+        lr: AdamW learning rate (the peak one under ``lr_schedule="one_cycle"``).
         weight_decay: AdamW weight decay.
         balanced_loss: weight the loss by inverse class frequency.
         dropout: dropout before the head.
+        lr_schedule: ``"one_cycle"``: linear warmup over the first 10% of the steps, then linear
+            decay (``torch.optim.lr_scheduler.OneCycleLR``, momentum left alone); at a constant
+            1e-3 the validation accuracy swung by points from one epoch to the next, and the test
+            accuracy's seed spread with it. ``"constant"``: ``lr`` throughout.
     """
+
+    LR_SCHEDULES = ("one_cycle", "constant")
 
     def __init__(
         self,
@@ -298,6 +304,7 @@ class TextClassifier(pl.LightningModule):
         weight_decay: float = 0.01,
         balanced_loss: bool = True,
         dropout: float = 0.1,
+        lr_schedule: str = "one_cycle",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -305,6 +312,8 @@ class TextClassifier(pl.LightningModule):
 
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if lr_schedule not in self.LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {list(self.LR_SCHEDULES)}, got {lr_schedule!r}")
         encoder = AutoModel.from_pretrained(resolve_model_path(model_name_or_path))
         if lora_r > 0:
             from peft import LoraConfig, get_peft_model
@@ -388,7 +397,18 @@ class TextClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         trainable = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.lr_schedule == "constant":
+            return optimizer
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            self.hparams.lr,
+            total_steps=self.trainer.estimated_stepping_batches,
+            pct_start=0.1,
+            anneal_strategy="linear",
+            cycle_momentum=False,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 # -- test metrics of the best validation epoch ---------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,41 @@ def test_missing_data_dir_names_the_path(tmp_path, capsys):
         f"--data.init_args.data_name_or_path={tmp_path / 'nowhere.csv'}", "--trainer.fast_dev_run=true",
     )  # fmt: skip
     assert "nowhere.csv" in report
+
+
+def test_bad_lr_schedule_names_the_value_and_the_choices(capsys):
+    report = run_failing(capsys, "--config", "configs/text_baseline.yaml", "--model.init_args.lr_schedule=cosine")
+    assert "lr_schedule must be one of ['one_cycle', 'constant'], got 'cosine'" in report
+
+
+@pytest.mark.parametrize("schedule", ["one_cycle", "constant"])
+def test_text_learning_rate_warms_up_then_decays_or_stays(schedule, tmp_path, monkeypatch):
+    rates = []
+
+    class RecordLearningRate(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    fit = Trainer.fit
+
+    def recording_fit(trainer, model, *args, **kwargs):
+        trainer.callbacks.append(RecordLearningRate())
+        return fit(trainer, model, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", recording_fit)
+    main([
+        "fit", "--config", "configs/text_baseline.yaml", f"--model.init_args.lr_schedule={schedule}",
+        "--data.init_args.max_train_samples=40", "--data.init_args.batch_size=2", "--data.init_args.max_length=16",
+        "--trainer.max_epochs=1", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+    ])  # fmt: skip
+    peak = 1e-3  # the config's lr
+    assert len(rates) == 20
+    if schedule == "constant":
+        assert rates == [peak] * 20
+        return
+    top = rates.index(max(rates))
+    assert max(rates) == pytest.approx(peak) and 0 < top <= 3  # warmup over the first 10% of the steps
+    assert all(a < b for a, b in pairwise(rates[: top + 1]))  # rising to the peak
+    assert all(a > b for a, b in pairwise(rates[top:]))  # then falling
+    assert rates[0] < peak / 10 and rates[-1] < peak / 10
