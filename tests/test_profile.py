@@ -104,7 +104,10 @@ def test_profile_command_writes_a_layers_block_that_loads_back(tmp_path, monkeyp
     monkeypatch.chdir(ROOT)
     saved_config = ROOT / "config.yaml"  # what LightningCLI would save for a logger-less run
     saved_config.unlink(missing_ok=True)
-    config = ROOT / "configs" / "vision_loract.yaml"
+    run = yaml.safe_load((ROOT / "configs" / "vision_loract.yaml").read_text())
+    run["trainer"]["callbacks"][0]["init_args"]["layers"] = {"*.attn": None}  # an entry the profile must keep
+    config = tmp_path / "vision_loract_attention_raw.yaml"
+    config.write_text(yaml.safe_dump(run))
     main(["profile", "--config", str(config), "--batches", "1", "--max_error", "0.3", f"--output_dir={tmp_path}"])
     assert not saved_config.exists(), "loract profile wrote the run's config.yaml into the working directory"
     printed = capsys.readouterr().out
@@ -117,7 +120,6 @@ def test_profile_command_writes_a_layers_block_that_loads_back(tmp_path, monkeyp
     assert next(iter(layers.items())) == ("*.attn", None)
     assert not any(name.endswith(".attn") for name in list(layers)[1:])
     # The block pasted into the LoRAct callback's init_args runs.
-    run = yaml.safe_load(config.read_text())
     run["trainer"]["callbacks"][0]["init_args"]["layers"] = layers
     pasted = tmp_path / "pasted.yaml"
     pasted.write_text(yaml.safe_dump(run))
