@@ -4,14 +4,15 @@ Each run is ``python -m loract_lightning.cli fit --config <config>`` with its ow
 folder; its metrics come from the run's CSV log: the last logged value of every ``val_*`` metric
 (validation after the last epoch), and the ``test_*``/``best_*`` metrics that the configs'
 ``BestValidationTest`` logs (the test split scored with the best validation epoch's weights); the
-activation memory ratio
-(stored / saved bytes, averaged over training steps) from LoRAct's ``loract/ratio`` metric
-(1.0 for a run without LoRAct). ``--grid KEY=V1,V2`` runs every config once per value of a
+activation memory ratio (stored / saved bytes, averaged over training steps) from LoRAct's
+``loract/ratio`` metric (1.0 for a run without LoRAct). Arguments it does not know go to every
+run. ``--grid KEY=V1,V2`` runs every config once per value of a
 setting (a dotted path in the YAML; several ``--grid`` make a product); ``--ranks`` is the
 shorthand for the LoRAct callback's rank (the accuracy-vs-rank study).
 
     python benchmarks/accuracy.py --configs text_baseline text_loract text_loract_layer --seeds 0 1 2 \
-        --grid data.init_args.max_train_samples=3200 --grid trainer.max_epochs=2
+        --columns test_accuracy test_macro_f1 best_val_accuracy val_accuracy \
+        --trainer.max_epochs=1 --data.init_args.max_train_samples=6400 --trainer.val_check_interval=0.5
     python benchmarks/accuracy.py --configs text_loract --ranks 0.0625 0.25 0.5 --seeds 0 1 2
     python benchmarks/accuracy.py --configs text_baseline --grid model.init_args.lr=3e-4,1e-3
 """
