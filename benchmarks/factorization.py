@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from models import MODELS
 
-from loract_lightning import ActivationCompressor
+from loract_lightning import ActivationCompressor, CompressionOptions
 from loract_lightning.linalg import randomized_svd, relative_error, sampled_qb, truncated_svd
 
 
@@ -29,9 +29,9 @@ def capture_activations(model, loss_fn, min_bytes: int = 1 << 20) -> list[tuple[
     It runs the real engine and records each matrix as it reaches the factorization, so the
     selection (parameters, masks, shared storages, sizes) is exactly the engine's.
     """
-    compressor = ActivationCompressor(model, rank=1, min_bytes=min_bytes, saved_by=None)
+    compressor = ActivationCompressor(model, CompressionOptions(rank=1, min_bytes=min_bytes, saved_by=None))
     captured = []
-    compressor.observer = lambda name, matrix: captured.append((name, matrix.detach().clone()))
+    compressor.observers.append(lambda name, matrix, *factors: captured.append((name, matrix.detach().clone())))
     with compressor.capture():
         loss_fn()
     return captured

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from examples.text_classification import DrugReviewsDataModule, TextClassifier
-from loract_lightning import ActivationCompressor
+from loract_lightning import ActivationCompressor, CompressionOptions
 from loract_lightning.cli import silence_known_warnings
 
 SETTINGS = {
@@ -47,7 +47,7 @@ def main() -> None:
     def gradients(**options):
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)  # the same dropout masks in every run
-        compressor = ActivationCompressor(model, **options) if options else None
+        compressor = ActivationCompressor(model, CompressionOptions(**options)) if options else None
         with compressor.capture() if compressor else contextlib.nullcontext() as stats:
             loss = F.cross_entropy(model(ids, mask), labels)
         loss.backward()

@@ -38,9 +38,10 @@ def fit_and_record(setting: str, steps: int) -> dict[str, list[float]]:
     from lightning.pytorch.callbacks import Callback
 
     sys.path.insert(0, str(ROOT))
+    from host_memory import release_free_memory, resident_bytes
+
     from examples.text_classification import DrugReviewsDataModule, TextClassifier
     from loract_lightning import LoRAct
-    from loract_lightning.host_memory import release_free_memory, resident_bytes
 
     class ResidentMemory(Callback):
         def __init__(self) -> None:

@@ -50,8 +50,9 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loract_lightning import ActivationCompressor, causal_lm_loss
-from loract_lightning.host_memory import release_free_memory, resident_bytes
+from host_memory import release_free_memory, resident_bytes
+
+from loract_lightning import ActivationCompressor, CompressionOptions, causal_lm_loss
 
 MIB = 2**20
 BLOCK = "LlamaDecoderLayer"
@@ -147,7 +148,7 @@ def measure(name: str, key: str, phase: str, args: argparse.Namespace) -> dict:
     setting = SETTINGS[key]
     model, batches = build_model(name, args)
     if setting.options is not None:
-        compressor = ActivationCompressor(model, **({"rank": args.rank} | setting.options))
+        compressor = ActivationCompressor(model, CompressionOptions(**({"rank": args.rank} | setting.options)))
         context: Callable[[], AbstractContextManager] = compressor.capture
     elif key == "save-on-cpu":
         context = lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)  # noqa: E731

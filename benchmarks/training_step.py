@@ -35,7 +35,7 @@ import torch
 from models import llama, minilm, vit
 from torch.utils.flop_counter import FlopCounterMode
 
-from loract_lightning import ActivationCompressor
+from loract_lightning import ActivationCompressor, CompressionOptions
 
 MODELS = {
     "llama": (lambda device: llama(batch=4, seq=256, device=device), "LlamaDecoderLayer"),
@@ -53,7 +53,7 @@ Context = Callable[[], AbstractContextManager]
 def settings(model: torch.nn.Module, block: str, cuda: bool) -> dict[str, tuple[Context, ActivationCompressor]]:
     """name -> (context for a step, compressor whose stats give the CPU memory figure)."""
     measure = ActivationCompressor(model, compress=False)
-    checkpointed = ActivationCompressor(model, compress=False, checkpoint=[block])
+    checkpointed = ActivationCompressor(model, CompressionOptions(checkpoint=[block]), compress=False)
     table = {
         "none": (nullcontext, measure),
         "activation checkpointing": (checkpointed.capture, checkpointed),
@@ -62,21 +62,21 @@ def settings(model: torch.nn.Module, block: str, cuda: bool) -> dict[str, tuple[
     for label, rank in RANKS.items():
         # "every tensor" is the paper's default mode (and this table's until 2026-12-01); the
         # library's default now factorizes only what linear layers save.
-        default = ActivationCompressor(model, rank=rank, saved_by=None)
-        linear = ActivationCompressor(model, rank=rank)
-        layer = ActivationCompressor(model, rank=rank, checkpoint=[block])
+        default = ActivationCompressor(model, CompressionOptions(rank=rank, saved_by=None))
+        linear = ActivationCompressor(model, CompressionOptions(rank=rank))
+        layer = ActivationCompressor(model, CompressionOptions(rank=rank, checkpoint=[block]))
         table[f"LoRAct default {label}"] = (default.capture, default)
         table[f"LoRAct default {label}, linear inputs only (the defaults)"] = (linear.capture, linear)
         table[f"LoRAct layer {label}"] = (layer.capture, layer)
-        narrow = ActivationCompressor(model, rank=rank, factor_dtype="bfloat16", saved_by=None)
+        narrow = ActivationCompressor(model, CompressionOptions(rank=rank, factor_dtype="bfloat16", saved_by=None))
         table[f"LoRAct default {label}, bf16 factors"] = (narrow.capture, narrow)
         if label == "1/8":
             # The root module's own saved tensors are the loss's inputs (on Llama the 1024 x 32000
             # logits, most of default mode's flops); this shows the step without compressing them.
-            loss_raw = ActivationCompressor(model, rank=rank, layers={"": None}, saved_by=None)
+            loss_raw = ActivationCompressor(model, CompressionOptions(rank=rank, layers={"": None}, saved_by=None))
             table[f"LoRAct default {label}, loss inputs raw"] = (loss_raw.capture, loss_raw)
         if cuda:
-            inline = ActivationCompressor(model, rank=rank, side_stream=False, saved_by=None)
+            inline = ActivationCompressor(model, CompressionOptions(rank=rank, side_stream=False, saved_by=None))
             table[f"LoRAct default {label}, no side stream"] = (inline.capture, inline)
     return table
 

@@ -27,11 +27,11 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name == "LoRAct":
-        from loract_lightning.callback import LoRAct
+        from loract_lightning.loract import LoRAct
 
         return LoRAct
     if name == "ActivationMemoryMonitor":
-        from loract_lightning.monitor import ActivationMemoryMonitor
+        from loract_lightning.activation_memory_monitor import ActivationMemoryMonitor
 
         return ActivationMemoryMonitor
     raise AttributeError(f"module 'loract_lightning' has no attribute {name!r}")

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from loract_lightning.checks import check_int
+
 IGNORE_INDEX = -100
 """Label of a token that does not count (padding), as in transformers and F.cross_entropy."""
 
@@ -47,8 +49,7 @@ def chunked_cross_entropy(
     Returns:
         The mean loss over the counted tokens (NaN when none counts, as ``F.cross_entropy``).
     """
-    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
+    check_int("chunk_tokens", chunk_tokens, minimum=1)
     if hidden_states.shape[:-1] != labels.shape:
         raise ValueError(
             f"labels must have the shape of hidden_states without its last dim: "

@@ -6,9 +6,10 @@ and ``loract profile``, which measures the rank each module needs.
     loract fit --config configs/text_loract.yaml --print_config
     loract profile --config configs/text_loract.yaml --batches 2 --max_error 0.2
 
-Any LightningModule/LightningDataModule can be named by ``class_path``; the current directory is
-on the import path (as with ``python -m``), so ``examples.text_classification.TextClassifier``
-resolves from a checkout. LoRAct is added like any callback::
+Any importable LightningModule/LightningDataModule can be named by ``class_path``. The shipped
+configs name ``examples.*`` classes, which import once ``scripts/setup.sh`` has put the checkout
+on the virtual environment's path; elsewhere put your own module on ``PYTHONPATH``. LoRAct is
+added like any callback::
 
     trainer:
       callbacks:
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -46,8 +46,6 @@ def silence_known_warnings() -> None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``loract`` console script."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     silence_known_warnings()
     arguments = sys.argv[1:] if args is None else list(args)
     if arguments[:1] == ["profile"]:
@@ -82,8 +80,8 @@ def profile(args: list[str]) -> None:
     The table and chart need the ``report`` extra (rich, matplotlib); without it the command
     exits before the run, naming the extra.
     """
-    from loract_lightning.callback import LoRAct
-    from loract_lightning.monitor import ActivationMemoryMonitor
+    from loract_lightning.activation_memory_monitor import ActivationMemoryMonitor
+    from loract_lightning.loract import LoRAct
     from loract_lightning.rank_profile import layers_yaml
     from loract_lightning.rank_profiler import RankProfiler
     from loract_lightning.report import require_report_packages

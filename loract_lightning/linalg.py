@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from loract_lightning.checks import check_fraction, check_int
+
 Factorization = Callable[..., tuple[Tensor, Tensor]]
 
 
@@ -33,8 +35,7 @@ def _check_input(matrix: Tensor, rank: int) -> None:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
     if not matrix.is_floating_point():
         raise TypeError(f"expected a floating-point matrix, got dtype {matrix.dtype}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    check_int("rank", rank, minimum=1)
 
 
 def _gram_columns(matrix: Tensor, columns: Tensor) -> Tensor:
@@ -217,8 +218,7 @@ def adaptive_qb(
         (default ``min(M, N)``); at ``max_rank`` the target may be missed. In ``dtype``
         (default ``matrix.dtype``); the error check runs in float32 whatever ``dtype`` is.
     """
-    if not 0.0 < max_error < 1.0:
-        raise ValueError(f"max_error must be in (0, 1), got {max_error!r}")
+    check_fraction("max_error", max_error)
     _check_input(matrix, min_rank)
     if matrix.shape[0] < matrix.shape[1]:
         left, right = adaptive_qb(

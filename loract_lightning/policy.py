@@ -1,28 +1,30 @@
-"""Which saved tensors are compressed, and at what rank.
+"""Which saved tensors are compressed, how, and at what rank: the one place that decides.
 
-Everything here answers one of two questions for the pack hook:
+:class:`SelectionPolicy` answers the pack hook's question for every saved tensor, in two steps:
 
-- *which rank* does the module that is running right now ask for (:class:`RankPolicy`: a default
-  rank plus per-module glob overrides from ``layers``);
-- *may this tensor be factorized at all* (:func:`structural_reason`, :func:`value_reason`,
-  :class:`ParameterIndex`). A non-``None`` reason means "keep it raw" and is what the stats count.
+- :meth:`~SelectionPolicy.not_an_activation`: parameters, buffers (in whatever form autograd
+  saves them, see :class:`ParameterIndex`), tensors saved during backward and tensor subclasses
+  are not activations: they stay raw and are not counted as saved;
+- :meth:`~SelectionPolicy.decide`: for an activation, a single :data:`Decision`:
+  :class:`KeepRaw` (with the reason the stats count), :class:`StoreMask` (two-valued, stored
+  exactly) or :class:`Factorize` (at rank k).
+
+The rank a module asks for comes from :class:`RankPolicy`: a default rank plus per-module glob
+overrides from ``layers``.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-RankSpec = int | float | Literal["auto"] | None
-"""An int k, a float in (0, 1] meaning a fraction of the last dimension, ``"auto"`` (chosen per
-tensor for an error target), or None (do not compress)."""
+from loract_lightning.options import AUTO, LINEAR_LAYERS, CompressionOptions, RankSpec
 
-AUTO = "auto"
+__all__ = ["AUTO", "LINEAR_LAYERS", "RankSpec"]  # re-exported: the rank specs this module resolves
 
 # Reasons for keeping a saved tensor raw, as they appear in ``CompressionStats.kept``.
 PARAMETER = "parameter"
@@ -33,7 +35,6 @@ NOT_MATRIX = "not_a_matrix"
 OVERLAPPING = "overlapping_view"
 DISABLED = "disabled_by_layers"
 NO_SAVING = "rank_too_high"
-MASK = "mask"
 NON_FINITE = "non_finite"
 NON_FINITE_FACTORS = "non_finite_factors"  # finite input, factors overflowed (float16)
 EMPTY = "empty"
@@ -45,10 +46,33 @@ STORAGE_KEPT_RAW = "storage_kept_raw"
 MEASURE_ONLY = "measure_only"
 
 
-LINEAR_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
-"""Modules whose saved input enters the weight gradient linearly (``Conv1D`` is transformers'
-GPT-2 linear layer). A low-rank error in such an input becomes an error of the same size in the
-weight gradient, and nothing more: nothing downstream is recomputed from it."""
+@dataclass(frozen=True)
+class KeepRaw:
+    """Keep the saved tensor as it is; ``reason`` is what ``CompressionStats.kept`` counts."""
+
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class StoreMask:
+    """Store a two-valued tensor exactly, as a bool mask and its two values."""
+
+    matrix: Tensor
+    low: float
+    high: float
+
+
+@dataclass(frozen=True, eq=False)
+class Factorize:
+    """Replace the tensor, flattened to ``matrix`` (M x N), by rank-``rank`` factors; with
+    ``auto``, by the smallest rank up to ``rank`` that meets ``max_error``."""
+
+    matrix: Tensor
+    rank: int
+    auto: bool = False
+
+
+Decision = KeepRaw | StoreMask | Factorize
 
 
 def has_class(module: nn.Module, class_names: Iterable[str]) -> bool:
@@ -56,19 +80,6 @@ def has_class(module: nn.Module, class_names: Iterable[str]) -> bool:
     peft's ``lora.Linear`` and FSDP2's ``FSDPLinear`` subclasses count too)."""
     names = set(class_names)
     return any(cls.__name__ in names for cls in type(module).__mro__)
-
-
-def check_rank(rank: RankSpec, what: str = "rank", allow_none: bool = False) -> None:
-    """Raise a ValueError/TypeError naming ``rank`` unless it is a valid rank spec."""
-    if (rank is None and allow_none) or rank == AUTO:
-        return
-    allowed = "an int >= 1, a float in (0, 1], 'auto'" + (" or None" if allow_none else "")
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-        raise TypeError(f"{what} must be {allowed}, got {rank!r}")
-    if isinstance(rank, int) and rank < 1:
-        raise ValueError(f"{what} must be {allowed}, got {rank!r}")
-    if isinstance(rank, float) and not 0.0 < rank <= 1.0:
-        raise ValueError(f"{what} must be {allowed}, got {rank!r}")
 
 
 def resolve_rank(rank: int | float, num_rows: int, num_cols: int) -> int:
@@ -94,21 +105,13 @@ class RankPolicy:
     """The rank each module asks for: ``layers`` glob patterns first (first match wins), then ``default``.
 
     Patterns are matched with :func:`fnmatch.fnmatchcase` against qualified module names as
-    ``model.named_modules()`` gives them (the root module's name is ``""``).
+    ``model.named_modules()`` gives them (the root module's name is ``""``). The specs are those
+    :class:`~loract_lightning.options.CompressionOptions` has validated.
     """
 
     default: RankSpec
     layers: Mapping[str, RankSpec] = field(default_factory=dict)
     _cache: dict[str, RankSpec] = field(default_factory=dict, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        check_rank(self.default, "rank")
-        if not isinstance(self.layers, Mapping):
-            raise TypeError(f"layers must be a mapping of glob pattern -> rank, got {self.layers!r}")
-        for pattern, rank in self.layers.items():
-            if not isinstance(pattern, str):
-                raise TypeError(f"layers keys must be glob patterns (str), got {pattern!r}")
-            check_rank(rank, f"layers[{pattern!r}]", allow_none=True)
 
     def rank_for(self, module_name: str) -> RankSpec:
         if module_name not in self._cache:
@@ -207,6 +210,102 @@ class ParameterIndex:
         return False
 
 
+class SelectionPolicy:
+    """Decides, for each tensor autograd saves, whether it is kept raw, stored as a mask or factorized.
+
+    Args:
+        model: the compressed model (its module names and classes; ``layers`` patterns are
+            checked against them).
+        options: the validated options.
+        checkpointed_modules: layer mode: the qualified names of the checkpointed modules, whose
+            saved inputs are compressed whatever their class.
+        measure_only: keep every activation raw (``MEASURE_ONLY``) but let the stats count it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        options: CompressionOptions,
+        checkpointed_modules: Collection[str] = (),
+        measure_only: bool = False,
+    ) -> None:
+        self.options = options
+        self.ranks = RankPolicy(options.rank, options.layers)
+        self.ranks.check_against(model)
+        self.checkpointed_modules = frozenset(checkpointed_modules)
+        self.measure_only = measure_only
+        self._modules_by_name = dict(model.named_modules())
+        self._saved_by_target: dict[str, bool] = {}
+
+    def not_an_activation(self, tensor: Tensor, parameters: ParameterIndex) -> str | None:
+        """Why ``tensor`` is not an activation of this forward (it stays raw, uncounted), or None."""
+        if torch._C._current_graph_task_id() != -1:
+            return IN_BACKWARD  # saved during backward (a recompute): it lives only until backward ends
+        if type(tensor) is not torch.Tensor or tensor.layout != torch.strided:
+            # Parameter objects, tensor subclasses (DTensor, ...) and sparse tensors: no plain storage to read.
+            return PARAMETER if isinstance(tensor, nn.Parameter) else UNSUPPORTED
+        return PARAMETER if tensor in parameters else None
+
+    def decide(self, tensor: Tensor, module_name: str, storage_kept_raw: bool) -> Decision:
+        """What to do with the activation ``tensor`` that module ``module_name`` saved.
+
+        ``storage_kept_raw``: another tensor of the same storage is already kept raw in this
+        forward, so a compact copy would only add memory. Reasons judged from metadata come first;
+        the values are read only for a tensor that may be stored in compact form.
+        """
+        if self.measure_only:
+            return KeepRaw(MEASURE_ONLY)
+        reason = structural_reason(tensor, self.options.min_bytes, self.options.min_width)
+        reason = reason or self._module_reason(module_name)
+        if reason is None and storage_kept_raw:
+            reason = STORAGE_KEPT_RAW
+        rank_spec = self.ranks.rank_for(module_name) if reason is None else None
+        if reason is None and rank_spec is None:
+            reason = DISABLED
+        # A tensor of a module outside ``saved_by`` is not factorized, but a mask is still stored
+        # exactly (bool): that loses nothing (peft's LoRA dropout masks, one per projection).
+        masks_only = reason == OTHER_MODULE and not storage_kept_raw
+        if reason is not None and not masks_only:
+            return KeepRaw(reason)
+        matrix = tensor.detach().reshape(-1, tensor.shape[-1])
+        by_value = _value_decision(matrix)
+        if isinstance(by_value, StoreMask):
+            return by_value
+        if reason is not None:  # outside ``saved_by`` and not a mask
+            return KeepRaw(reason)
+        if by_value is not None:
+            return by_value
+        rank = self._rank(rank_spec, *matrix.shape)
+        if rank < 1 or not keeps_memory(rank, *matrix.shape):
+            return KeepRaw(NO_SAVING)
+        return Factorize(matrix, rank, auto=rank_spec == AUTO)
+
+    def _module_reason(self, module_name: str) -> str | None:
+        """Why what ``module_name`` saves stays raw because of which module it is, or None."""
+        if module_name in self.checkpointed_modules:
+            return None  # layer mode: a checkpointed module's input, whatever the module's class
+        if self.checkpointed_modules and not self.options.compress_outside:
+            return OUTSIDE_CHECKPOINT
+        return None if self._is_saved_by_target(module_name) else OTHER_MODULE
+
+    def _is_saved_by_target(self, module_name: str) -> bool:
+        """Whether the module ``module_name`` is of a class that ``saved_by`` names (or it is None)."""
+        if self.options.saved_by is None:
+            return True
+        if module_name not in self._saved_by_target:
+            module = self._modules_by_name.get(module_name)
+            self._saved_by_target[module_name] = module is not None and has_class(module, self.options.saved_by)
+        return self._saved_by_target[module_name]
+
+    def _rank(self, rank_spec: RankSpec, num_rows: int, num_cols: int) -> int:
+        """The rank to factorize at; for ``"auto"`` the largest rank the choice may reach."""
+        if rank_spec != AUTO:
+            return resolve_rank(rank_spec, num_rows, num_cols)
+        # Up to max_rank, and below the rank at which the factors would hold as much as the tensor.
+        largest = resolve_rank(self.options.max_rank, num_rows, num_cols)
+        return min(largest, (num_rows * num_cols - 1) // (num_rows + num_cols))
+
+
 def _head(tensor: Tensor, rows: int = 2, cols: int = 8) -> Tensor:
     """A few leading values: the first ``rows`` x ``cols`` corner of the last two dimensions."""
     return tensor[(0,) * (tensor.ndim - 2)][:rows, :cols]
@@ -229,13 +328,12 @@ def structural_reason(tensor: Tensor, min_bytes: int, min_width: int = 0) -> str
     return None
 
 
-def inspect_values(matrix: Tensor) -> tuple[str | None, float, float]:
+def _value_decision(matrix: Tensor) -> KeepRaw | StoreMask | None:
     """Read ``matrix`` once for what low-rank factors cannot hold: NaN/Inf, or only two values.
 
-    Returns ``(NON_FINITE, ...)``, ``(MASK, low, high)`` for a two-valued tensor (the float
-    ``{0, 1/(1-p)}`` dropout mask the CPU saves: full rank, so it is stored exactly instead), or
-    ``(None, ...)``. One ``aminmax`` pass gives the candidate values; a few rows then reject
-    almost every real activation before the full two-valued check runs.
+    A two-valued tensor (the float ``{0, 1/(1-p)}`` dropout mask the CPU saves) is full rank, so
+    it is stored exactly instead. One ``aminmax`` pass gives the candidate values; a few rows then
+    reject almost every real activation before the full two-valued check runs.
     """
     low, high = torch.aminmax(matrix)
     # One host sync for both answers: on CUDA each sync stalls the forward.
@@ -243,10 +341,10 @@ def inspect_values(matrix: Tensor) -> tuple[str | None, float, float]:
         [torch.isfinite(low) & torch.isfinite(high), _two_valued(matrix[:4], low, high)]
     ).tolist()
     if not finite:
-        return NON_FINITE, 0.0, 0.0
+        return KeepRaw(NON_FINITE)
     if head_two_valued and _two_valued(matrix, low, high):
-        return MASK, low.item(), high.item()
-    return None, 0.0, 0.0
+        return StoreMask(matrix, low.item(), high.item())
+    return None
 
 
 def _two_valued(values: Tensor, low: Tensor, high: Tensor) -> Tensor:

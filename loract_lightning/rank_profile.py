@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from loract_lightning.checks import check_choice, check_fraction
 from loract_lightning.linalg import METHODS, RANDOMIZED, relative_error
 from loract_lightning.policy import keeps_memory, resolve_rank
 from loract_lightning.report import format_bytes, shorten
@@ -53,8 +54,7 @@ class RankProfile:
     """
 
     def __init__(self, method: str = "sampled_qb", seed: int = 0, **method_options: int) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+        check_choice("method", method, sorted(METHODS))
         self.method = method
         self.method_options = method_options
         self.seed = seed
@@ -95,7 +95,7 @@ class RankProfile:
     def layers_for_error(self, max_error: float) -> dict[str, float | None]:
         """Per module, the smallest candidate rank at which the method's error is at most
         ``max_error``; None (keep raw) where no candidate reaches it."""
-        _check_fraction("max_error", max_error)
+        check_fraction("max_error", max_error)
         layers = {}
         for name, spectrum in self.modules.items():
             errors = spectrum.method_errors()
@@ -105,7 +105,7 @@ class RankProfile:
     def layers_for_budget(self, memory_budget: float) -> dict[str, float | None]:
         """Ranks whose stored bytes fit in ``memory_budget`` x the saved bytes of these modules,
         spending the bytes where they cut the (size-weighted) squared error most."""
-        _check_fraction("memory_budget", memory_budget)
+        check_fraction("memory_budget", memory_budget)
         # Options per module, cheapest first: each candidate fraction, then raw (no error).
         options = {}
         for name, spectrum in self.modules.items():
@@ -232,8 +232,3 @@ def layers_yaml(layers: dict[str, float | None], stored_ratio: float, keep_raw: 
     lines += [f'  "{pattern}": null' for pattern in keep_raw]
     lines += [f'  "{name}": {"null" if rank is None else repr(rank)}' for name, rank in layers.items()]
     return "\n".join(lines) + "\n"
-
-
-def _check_fraction(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")

@@ -8,10 +8,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from loract_lightning.capture_callback import StepCaptureCallback
+from loract_lightning.checks import check_int
 from loract_lightning.context import ActivationCompressor
+from loract_lightning.options import CompressionOptions
 from loract_lightning.rank_profile import RankProfile
-from loract_lightning.step_capture import StepCapture
+from loract_lightning.step_capture import StepCapture, StepCaptureCallback
 
 
 class RankProfiler(StepCaptureCallback):
@@ -37,17 +38,17 @@ class RankProfiler(StepCaptureCallback):
     """
 
     def __init__(self, batches: int = 2, **options: Any) -> None:
-        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-            raise ValueError(f"batches must be an int >= 1, got {batches!r}")
+        check_int("batches", batches, minimum=1)
         self.batches = batches
-        self.options = options
-        method_options = {k: options[k] for k in ("power_iters", "oversample") if options.get(k) is not None}
-        self.profile = RankProfile(options.get("method", "sampled_qb"), options.get("seed", 0), **method_options)
+        self.options = CompressionOptions(**options)
+        method_options = {k: getattr(self.options, k) for k in ("power_iters", "oversample")}
+        method_options = {k: v for k, v in method_options.items() if v is not None}
+        self.profile = RankProfile(self.options.method, self.options.seed, **method_options)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        compressor = ActivationCompressor(pl_module, **self.options)
-        compressor.observer = self.profile.observe
+        compressor = ActivationCompressor(pl_module, self.options)
+        compressor.observers.append(lambda module_name, matrix, left, right: self.profile.observe(module_name, matrix))
         self._capture = StepCapture(compressor, several_forwards=not pl_module.automatic_optimization)
 
     @override

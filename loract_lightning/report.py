@@ -56,7 +56,10 @@ class MemoryReport:
     modules: dict[str, _ModuleTotals] = field(default_factory=dict)
     peaks: list[tuple[int, float]] = field(default_factory=list)
 
-    def add_step(self, stats: CompressionStats, step: int, peak_bytes: float) -> None:
+    def add_step(
+        self, stats: CompressionStats, step: int, peak_bytes: float, errors: dict[str, list[float]] | None = None
+    ) -> None:
+        """Add one training step: its stats, peak memory and the relative errors measured per module."""
         self.steps += 1
         self.peaks.append((step, peak_bytes))
         for name, memory in stats.modules.items():
@@ -64,9 +67,11 @@ class MemoryReport:
             totals.saved_bytes += memory.saved_bytes
             totals.stored_bytes += memory.stored_bytes
             totals.ranks |= memory.ranks
-            totals.error_sum += sum(memory.errors)
-            totals.error_count += len(memory.errors)
-            totals.error_max = max([totals.error_max, *memory.errors])
+        for name, module_errors in (errors or {}).items():
+            totals = self.modules.setdefault(name, _ModuleTotals())
+            totals.error_sum += sum(module_errors)
+            totals.error_count += len(module_errors)
+            totals.error_max = max([totals.error_max, *module_errors])
 
     def reduce_across_ranks(self, strategy, names: list[str]) -> None:
         """Average bytes over ranks, take the largest error and peak; ``names`` must match on every rank."""

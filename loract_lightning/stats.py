@@ -14,8 +14,6 @@ class ModuleMemory:
     stored_bytes: int = 0
     compressed: int = 0
     ranks: set[int] = field(default_factory=set)
-    errors: list[float] = field(default_factory=list)
-    """Relative errors of this module's factorizations (only while error tracking is on)."""
 
     @property
     def ratio(self) -> float:
@@ -73,6 +71,13 @@ class CompressionStats:
         self.stored_bytes += nbytes
         self.module(module_name).stored_bytes += nbytes
 
+    def add_factors(self, module_name: str, rank: int) -> None:
+        self.compressed += 1
+        self.rank_sum += rank
+        module = self.module(module_name)
+        module.compressed += 1
+        module.ranks.add(rank)
+
     def merge(self, other: CompressionStats) -> CompressionStats:
         """Add ``other`` (another forward of the same step, e.g. under manual optimization) into this."""
         self.saved_bytes += other.saved_bytes
@@ -89,7 +94,6 @@ class CompressionStats:
             mine.stored_bytes += memory.stored_bytes
             mine.compressed += memory.compressed
             mine.ranks |= memory.ranks
-            mine.errors.extend(memory.errors)
         return self
 
     def __str__(self) -> str:

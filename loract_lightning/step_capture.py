@@ -1,23 +1,39 @@
-"""Keep an ActivationCompressor installed over the forward passes of one training step.
+"""Keep an ActivationCompressor installed over the forward passes of each training step.
 
 A training step may run several forward/backward pairs (manual optimization), and only the
-forwards may be captured: backward and checkpoint recomputation must not be. The Lightning
-callbacks drive one :class:`StepCapture` from their hooks:
+forwards may be captured: backward and checkpoint recomputation must not be.
+:class:`StepCaptureCallback`, the base of LoRAct's callbacks, drives one :class:`StepCapture`
+from Lightning's hooks:
 
-    start_step()   at the start of a training batch      -> installed
-    pause()        before each backward                  -> removed
-    resume()       after each backward of the same batch -> installed again (only when
+    start_step()   on_train_batch_start                -> installed
+    pause()        on_before_backward                  -> removed
+    resume()       on_after_backward                   -> installed again (only when
                    ``several_forwards``: manual optimization; otherwise no forward follows)
-    end_step()     at the end of the batch               -> removed
-    close()        on exception, fit end and teardown    -> removed, whatever the state
+    end_step()     on_train_batch_end                  -> removed
+    close()        on_exception, on_fit_end, teardown  -> removed, whatever the state
+
+:func:`log_metrics` is the one way the callbacks send their metrics to ``trainer.loggers``.
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from loract_lightning.context import ActivationCompressor
 from loract_lightning.stats import CompressionStats
+
+
+def log_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Send ``metrics`` to every logger at the current step, on the steps ``log_every_n_steps`` picks."""
+    if not trainer.loggers or not trainer._logger_connector.should_update_logs:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
 class StepCapture:
@@ -68,3 +84,54 @@ class StepCapture:
             installed, self._installed = self._installed, None
             installed.close()
             self.step_stats.merge(self._forward_stats)
+
+
+class StepCaptureCallback(Callback):
+    """Installs ``self._capture`` over the forwards of each training step and removes it on every exit.
+
+    Subclasses set ``_capture`` (a :class:`~loract_lightning.step_capture.StepCapture`) in
+    ``on_fit_start``, or leave it None to capture nothing, and call ``super()`` in the hooks
+    they extend.
+    """
+
+    _capture: StepCapture | None = None
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._capture:
+            self._capture.start_step()
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        if self._capture:
+            self._capture.pause()
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._capture:
+            self._capture.resume()  # manual optimization may run another forward in the same step
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._capture:
+            self._capture.end_step()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._capture:
+            self._capture.close()

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loract_lightning import ActivationCompressor, compress_activations
+from loract_lightning.linalg import relative_error
 from loract_lightning.packed import LowRankFactors, PackedTensor, RawTensor
 
 KNOWN_INPUT_RANK = 2
@@ -92,27 +93,41 @@ def is_factorized(packed: object) -> bool:
     return isinstance(packed, PackedTensor) and isinstance(packed.region, LowRankFactors)
 
 
+def record_errors(compressor: ActivationCompressor) -> list[float]:
+    """The relative error of every factorization the compressor makes from now on, in order."""
+    errors = []
+    compressor.observers.append(lambda name, matrix, left, right: errors.append(relative_error(matrix, left, right)))
+    return errors
+
+
 def spy_on_pack(compressor: ActivationCompressor) -> list[dict]:
     """Record, for every pack call, which module ran, what the hook returned and whether it kept the tensor raw."""
     calls = []
-    original = compressor.pack
+    start_forward = compressor._start_forward
 
-    def pack(tensor):
-        packed = original(tensor)
-        calls.append(
-            {
-                "module": compressor._module_stack[-1] if compressor._module_stack else "",
-                "tensor": tensor,
-                "packed": packed,
-                # Kept raw: the hook kept the tensor itself, detached (same memory, same view).
-                "kept_raw": isinstance(packed, RawTensor)
-                and packed.tensor.data_ptr() == tensor.data_ptr()
-                and packed.tensor.stride() == tensor.stride(),
-            }
-        )
-        return packed
+    def start_spied_forward():
+        forward = start_forward()
+        pack = forward.pack
 
-    compressor.pack = pack
+        def spied_pack(tensor):
+            packed = pack(tensor)
+            calls.append(
+                {
+                    "module": forward.module_stack[-1] if forward.module_stack else "",
+                    "tensor": tensor,
+                    "packed": packed,
+                    # Kept raw: the hook kept the tensor itself, detached (same memory, same view).
+                    "kept_raw": isinstance(packed, RawTensor)
+                    and packed.tensor.data_ptr() == tensor.data_ptr()
+                    and packed.tensor.stride() == tensor.stride(),
+                }
+            )
+            return packed
+
+        forward.pack = spied_pack
+        return forward
+
+    compressor._start_forward = start_spied_forward
     return calls
 
 

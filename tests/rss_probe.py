@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loract_lightning import compress_activations
-from loract_lightning.host_memory import resident_bytes
+
+
+def resident_bytes() -> int:
+    """The process's resident memory (RSS), from ``/proc/self/statm`` (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def main() -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +27,7 @@ from lit_models import (
     trainer,
 )
 
-from loract_lightning import LoRAct
+from loract_lightning import CompressionOptions, LoRAct
 
 LOSSLESS_RANK = KNOWN_MAX_RANK + 12
 MODES = {"default": {}, "layer": {"checkpoint": ["KnownRankBlock"]}}
@@ -161,6 +164,16 @@ def test_mixed_precision_fit_matches_the_uncompressed_one(tmp_path, precision):
 def test_bad_options_fail_at_construction(options, message):
     with pytest.raises((ValueError, TypeError), match=message):
         LoRAct(**options)
+
+
+def test_loract_takes_every_compression_option_by_name_with_the_same_defaults():
+    # LoRAct's docstring points to CompressionOptions for their meaning: they must be the same set.
+    names = [field.name for field in dataclasses.fields(CompressionOptions)]
+    assert list(inspect.signature(LoRAct).parameters) == names
+    assert LoRAct().options == CompressionOptions()
+    # ... and CompressionOptions' docstring, the one full description, describes each of them.
+    described = set(re.findall(r"^        (\w+): ", CompressionOptions.__doc__, flags=re.MULTILINE))
+    assert described == set(names)
 
 
 @pytest.mark.slow

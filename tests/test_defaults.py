@@ -45,7 +45,7 @@ def _lora_gradient(model: nn.Module, loss_fn, **options) -> tuple[torch.Tensor, 
     torch.manual_seed(1)  # the same LoRA dropout masks in every run
     stats = None
     if options:
-        with ActivationCompressor(model, **options).capture() as stats:
+        with ActivationCompressor(model, CompressionOptions(**options)).capture() as stats:
             loss = loss_fn()
     else:
         loss = loss_fn()
@@ -60,7 +60,7 @@ def test_defaults_are_linear_inputs_with_a_width_floor():
 
 def test_default_policy_factorizes_only_linear_inputs(lora_llama):
     model, loss_fn = lora_llama
-    compressor = ActivationCompressor(model, rank=0.125, min_bytes=0)
+    compressor = ActivationCompressor(model, CompressionOptions(rank=0.125, min_bytes=0))
     calls = spy_on_pack(compressor)
     with compressor.capture() as stats:
         loss = loss_fn()
@@ -106,7 +106,7 @@ def test_default_mode_over_modules_checkpointed_elsewhere_says_their_inputs_stay
 
     apply_activation_checkpointing(known_rank_net, check_fn=lambda module: isinstance(module, KnownRankBlock))
     with pytest.warns(UserWarning, match="already run under activation checkpointing.*stay raw"):
-        compressor = ActivationCompressor(known_rank_net, rank=8, min_bytes=0)
+        compressor = ActivationCompressor(known_rank_net, CompressionOptions(rank=8, min_bytes=0))
     with compressor.capture() as stats:
         known_rank_net(torch.randn(4, 128, 128)).backward()
     assert stats.compressed == 0 and stats.kept["not_in_saved_by"] == 2

@@ -8,10 +8,10 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import KNOWN_MAX_RANK, KnownRankNet, is_factorized, run_and_backward, spy_on_pack
+from conftest import KNOWN_MAX_RANK, KnownRankNet, is_factorized, record_errors, run_and_backward, spy_on_pack
 from torch import nn
 
-from loract_lightning import ActivationCompressor, compress_activations
+from loract_lightning import ActivationCompressor, CompressionOptions, compress_activations
 from loract_lightning.linalg import METHODS
 from loract_lightning.packed import LowRankFactors, PackedTensor, TwoValuedMask
 
@@ -67,7 +67,9 @@ def test_global_rng_stream_is_untouched(known_rank_net):
 
 def test_saving_one_storage_twice_packs_it_once(known_rank_net):
     # saved_by=None: the squares are saved by the blocks themselves, not by a linear layer.
-    compressor = ActivationCompressor(known_rank_net, rank=LOSSLESS_RANK, min_bytes=0, saved_by=None)
+    compressor = ActivationCompressor(
+        known_rank_net, CompressionOptions(rank=LOSSLESS_RANK, min_bytes=0, saved_by=None)
+    )
     calls = spy_on_pack(compressor)
     with compressor.capture() as stats:
         loss = known_rank_net(KnownRankNet.make_input())
@@ -81,7 +83,7 @@ def test_saving_one_storage_twice_packs_it_once(known_rank_net):
 
 
 def test_parameters_and_masks_are_never_factorized(known_rank_net):
-    compressor = ActivationCompressor(known_rank_net, rank=8, min_bytes=0)
+    compressor = ActivationCompressor(known_rank_net, CompressionOptions(rank=8, min_bytes=0))
     calls = spy_on_pack(compressor)
     with compressor.capture() as stats:
         known_rank_net(KnownRankNet.make_input()).backward()
@@ -97,7 +99,7 @@ def test_parameters_and_masks_are_never_factorized(known_rank_net):
 
 def test_float_dropout_mask_is_rebuilt_exactly():
     model = nn.Dropout(0.3).train()
-    compressor = ActivationCompressor(model, min_bytes=0)
+    compressor = ActivationCompressor(model, CompressionOptions(min_bytes=0))
     calls = spy_on_pack(compressor)
     x = torch.randn(64, 64, requires_grad=True)
     with compressor.capture():
@@ -105,7 +107,7 @@ def test_float_dropout_mask_is_rebuilt_exactly():
     (call,) = calls
     assert isinstance(call["packed"].region, TwoValuedMask)
     assert call["packed"].region.nbytes == call["tensor"].numel()  # one byte per element
-    assert torch.equal(compressor.unpack(call["packed"]), call["tensor"])
+    assert torch.equal(call["packed"].unpack(), call["tensor"])
 
 
 def test_sdpa_with_dropout_keeps_its_masks_out_of_the_factors():
@@ -114,7 +116,8 @@ def test_sdpa_with_dropout_keeps_its_masks_out_of_the_factors():
     torch.manual_seed(0)
     model = nn.MultiheadAttention(64, 4, dropout=0.2, batch_first=True).train()
     x = torch.randn(8, 64, 64, requires_grad=True)
-    compressor = ActivationCompressor(model, rank=4, min_bytes=0, saved_by=None)  # what attention saves itself
+    # What attention saves itself.
+    compressor = ActivationCompressor(model, CompressionOptions(rank=4, min_bytes=0, saved_by=None))
     calls = spy_on_pack(compressor)
     with compressor.capture() as stats:
         out, _ = model(x, x, x, need_weights=False)
@@ -128,7 +131,7 @@ def test_sdpa_with_dropout_keeps_its_masks_out_of_the_factors():
     (mask,) = masks
     assert mask["tensor"].unique().tolist() == pytest.approx([0.0, 1 / (1 - 0.2)])
     assert isinstance(mask["packed"], PackedTensor) and isinstance(mask["packed"].region, TwoValuedMask)
-    assert torch.equal(compressor.unpack(mask["packed"]), mask["tensor"])
+    assert torch.equal(mask["packed"].unpack(), mask["tensor"])
     # Everything else attention saves (inputs, q/k/v, probabilities) is still factorized.
     regions = [getattr(call["packed"], "region", None) for call in calls]
     factorized = {id(region) for region in regions if isinstance(region, LowRankFactors)}
@@ -203,7 +206,8 @@ def test_non_contiguous_saved_tensors_are_rebuilt_with_their_strides():
 
     model = TransposedProduct().train()
     x = KnownRankNet.make_input(batch=2, length=256, width=64)
-    compressor = ActivationCompressor(model, rank=16, min_bytes=0, saved_by=None)  # a matmul, not a Linear
+    # A matmul, not a Linear.
+    compressor = ActivationCompressor(model, CompressionOptions(rank=16, min_bytes=0, saved_by=None))
     calls = spy_on_pack(compressor)
     with compressor.capture():
         loss = model(x)
@@ -224,7 +228,7 @@ def test_autocast_bf16_keeps_factor_dtype_and_gradients(known_rank_net):
             return known_rank_net(x).float()
 
     expected, _ = run_and_backward(known_rank_net, loss_fn)
-    compressor = ActivationCompressor(known_rank_net, rank=LOSSLESS_RANK, min_bytes=0)
+    compressor = ActivationCompressor(known_rank_net, CompressionOptions(rank=LOSSLESS_RANK, min_bytes=0))
     calls = spy_on_pack(compressor)
     known_rank_net.zero_grad()
     torch.manual_seed(0)
@@ -247,13 +251,12 @@ def test_autocast_bf16_keeps_factor_dtype_and_gradients(known_rank_net):
 
 def errors_and_factors(model: nn.Module, x: torch.Tensor, **options) -> tuple[list[float], list[LowRankFactors]]:
     """One compressed forward + backward: every factorization's relative error and its factors."""
-    compressor = ActivationCompressor(model, min_bytes=0, **options)
-    compressor.track_error = True
+    compressor = ActivationCompressor(model, CompressionOptions(min_bytes=0, **options))
+    errors = record_errors(compressor)
     calls = spy_on_pack(compressor)
-    with compressor.capture() as stats:
+    with compressor.capture():
         loss = model(x)
     loss.backward()
-    errors = [error for module in stats.modules.values() for error in module.errors]
     factors = [c["packed"].region for c in calls if isinstance(getattr(c["packed"], "region", None), LowRankFactors)]
     return errors, factors
 
@@ -311,7 +314,9 @@ def test_model_is_left_as_it_was_even_after_an_error(known_rank_net, mode):
 
 
 def test_layer_mode_keeps_only_the_block_inputs(known_rank_net):
-    compressor = ActivationCompressor(known_rank_net, rank=LOSSLESS_RANK, min_bytes=0, checkpoint=["KnownRankBlock"])
+    compressor = ActivationCompressor(
+        known_rank_net, CompressionOptions(rank=LOSSLESS_RANK, min_bytes=0, checkpoint=["KnownRankBlock"])
+    )
     calls = spy_on_pack(compressor)
     with compressor.capture() as stats:
         known_rank_net(KnownRankNet.make_input()).backward()
@@ -372,7 +377,7 @@ def test_layer_mode_reuses_existing_checkpoint_wrappers(known_rank_net):
     expected, _ = run_and_backward(known_rank_net, lambda: known_rank_net(x))
     with pytest.warns(UserWarning, match="already run under activation checkpointing"):
         compressor = ActivationCompressor(
-            known_rank_net, rank=LOSSLESS_RANK, min_bytes=0, checkpoint=["KnownRankBlock"]
+            known_rank_net, CompressionOptions(rank=LOSSLESS_RANK, min_bytes=0, checkpoint=["KnownRankBlock"])
         )
     calls = spy_on_pack(compressor)
     known_rank_net.zero_grad()
@@ -406,10 +411,12 @@ def test_sparse_saved_tensors_are_kept_raw():
 
 
 def test_row_norms_are_kept_by_default_in_layer_mode_only(known_rank_net):
-    assert ActivationCompressor(known_rank_net, checkpoint=["KnownRankBlock"]).keep_row_norms
+    assert ActivationCompressor(known_rank_net, CompressionOptions(checkpoint=["KnownRankBlock"])).keep_row_norms
     assert not ActivationCompressor(known_rank_net).keep_row_norms
-    assert ActivationCompressor(known_rank_net, keep_row_norms=True).keep_row_norms
-    compressor = ActivationCompressor(known_rank_net, rank=4, min_bytes=0, checkpoint=["KnownRankBlock"])
+    assert ActivationCompressor(known_rank_net, CompressionOptions(keep_row_norms=True)).keep_row_norms
+    compressor = ActivationCompressor(
+        known_rank_net, CompressionOptions(rank=4, min_bytes=0, checkpoint=["KnownRankBlock"])
+    )
     calls = spy_on_pack(compressor)
     with compressor.capture():
         known_rank_net(KnownRankNet.make_input()).backward()
@@ -439,7 +446,7 @@ def test_cuda_side_stream_keeps_the_original_until_its_factors_are_ready():
     # A large activation freed right after pack, its memory immediately overwritten on the main
     # stream: without the stream bookkeeping the side stream would read the overwritten values.
     weight = torch.randn(4096, 4096, device="cuda", requires_grad=True)
-    compressor = ActivationCompressor(nn.Linear(1, 1).train(), rank=64, min_bytes=0)
+    compressor = ActivationCompressor(nn.Linear(1, 1).train(), CompressionOptions(rank=64, min_bytes=0))
     rank_64 = torch.randn(8192, 64, device="cuda") @ torch.randn(64, 4096, device="cuda")
     with compressor.capture():
         activation = rank_64.clone()
@@ -475,12 +482,11 @@ def test_cuda_side_stream_leaks_no_memory():
 
 def test_auto_rank_meets_max_error_on_every_tensor_and_reports_its_ranks(known_rank_net):
     model, x = known_rank_net, KnownRankNet.make_input()
-    compressor = ActivationCompressor(model, rank="auto", max_error=0.05, min_bytes=0)
-    compressor.track_error = True
+    compressor = ActivationCompressor(model, CompressionOptions(rank="auto", max_error=0.05, min_bytes=0))
+    errors = record_errors(compressor)
     with compressor.capture() as stats:
         loss = model(x)
     loss.backward()
-    errors = [error for module in stats.modules.values() for error in module.errors]
     ranks = {rank for module in stats.modules.values() for rank in module.ranks}
     assert stats.compressed > 0 and len(errors) == stats.compressed
     assert max(errors) <= 0.05 * 1.001
@@ -501,4 +507,4 @@ def test_auto_rank_meets_max_error_on_every_tensor_and_reports_its_ranks(known_r
 )
 def test_bad_auto_rank_options_name_the_value(known_rank_net, options, message):
     with pytest.raises((ValueError, TypeError), match=message):
-        ActivationCompressor(known_rank_net, **options)
+        ActivationCompressor(known_rank_net, CompressionOptions(**options))

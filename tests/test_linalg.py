@@ -234,5 +234,5 @@ def test_adaptive_rank_stays_within_its_bounds():
 
 @pytest.mark.parametrize("max_error", [0.0, 1.0, -0.5])
 def test_adaptive_rank_rejects_an_error_target_outside_0_1(max_error):
-    with pytest.raises(ValueError, match=r"max_error must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"max_error must be a number in \(0, 1\)"):
         adaptive_qb(decaying_matrix(64, 32), max_error)

@@ -17,7 +17,7 @@ from conftest import flat_gradients, spy_on_pack, tiny_llama
 from lit_models import saved_tensor_hooks_installed
 from torch import nn
 
-from loract_lightning import ActivationCompressor
+from loract_lightning import ActivationCompressor, CompressionOptions
 
 pytestmark = pytest.mark.slow
 
@@ -181,8 +181,8 @@ def test_model_zoo(zoo_model, mode):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' own notes on configs and caches
-        lossless, _ = _gradients(model, loss_fn, ActivationCompressor(model, rank=1.0, **options))
-        compressor = ActivationCompressor(model, rank=0.125, **options)
+        lossless, _ = _gradients(model, loss_fn, ActivationCompressor(model, CompressionOptions(rank=1.0, **options)))
+        compressor = ActivationCompressor(model, CompressionOptions(rank=0.125, **options))
         calls = spy_on_pack(compressor)
         lossy, stats = _gradients(model, loss_fn, compressor)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPORT, is_factorized, run_and_backward, spy_on_pack
 
-from loract_lightning import ActivationCompressor
+from loract_lightning import ActivationCompressor, CompressionOptions
 from loract_lightning.packed import PackedTensor, StoredRegion
 from loract_lightning.policy import LINEAR_LAYERS, has_class
 
@@ -20,7 +20,7 @@ MIN_BYTES = 1 << 16
 
 
 def capture_with_spy(model, loss_fn, **options):
-    compressor = ActivationCompressor(model, rank=RANK, min_bytes=MIN_BYTES, **options)
+    compressor = ActivationCompressor(model, CompressionOptions(rank=RANK, min_bytes=MIN_BYTES, **options))
     calls = spy_on_pack(compressor)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)
@@ -123,7 +123,7 @@ def test_views_of_one_region_share_one_rebuild_per_backward(name, request, monke
         return rebuild(region)
 
     monkeypatch.setattr(StoredRegion, "rebuild", counted)
-    compressor = ActivationCompressor(model, rank=RANK, min_bytes=MIN_BYTES)
+    compressor = ActivationCompressor(model, CompressionOptions(rank=RANK, min_bytes=MIN_BYTES))
     calls = spy_on_pack(compressor)
     with compressor.capture():
         loss = loss_fn()

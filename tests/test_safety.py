@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import KnownRankNet, flat_gradients, run_and_backward, spy_on_pack, tiny_llama
 from torch import nn
 
-from loract_lightning import ActivationCompressor, compress_activations
+from loract_lightning import ActivationCompressor, CompressionOptions, compress_activations
 from loract_lightning.linalg import sampled_qb
 from loract_lightning.packed import PackedTensor, RawTensor
 
@@ -49,7 +49,8 @@ def test_plain_pytorch_refuses_the_in_place_write():
 @pytest.mark.parametrize("rank", [1.0, 8], ids=["kept_raw", "compressed"])
 def test_in_place_write_after_a_save_raises_as_pytorch_does(rank):
     model = ModifiesAfterSave().train()
-    compressor = ActivationCompressor(model, rank=rank, min_bytes=0, saved_by=None)  # relu's output too
+    # Relu's output too.
+    compressor = ActivationCompressor(model, CompressionOptions(rank=rank, min_bytes=0, saved_by=None))
     calls = spy_on_pack(compressor)
     with compressor.capture():
         loss = model(low_rank_input())
@@ -121,7 +122,8 @@ class FrozenConvNet(nn.Module):
 def test_frozen_conv_weights_cast_by_autocast_are_never_factorized():
     model = FrozenConvNet().train()
     weight_shapes = {tuple(p.shape) for p in model.body.parameters() if p.ndim == 4}
-    compressor = ActivationCompressor(model, rank=0.125, min_bytes=0, min_width=0)  # 32-px wide inputs too
+    # 32-px wide inputs too.
+    compressor = ActivationCompressor(model, CompressionOptions(rank=0.125, min_bytes=0, min_width=0))
     calls = spy_on_pack(compressor)
     x = torch.randn(4, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16), compressor.capture() as stats:
@@ -175,13 +177,13 @@ def test_factors_that_overflow_are_kept_raw_and_counted():
     model = nn.Linear(256, 8).half().train()
     torch.manual_seed(0)
     x = (5000 * (1 + 0.01 * torch.randn(1024, 256))).half().requires_grad_(True)
-    compressor = ActivationCompressor(model, rank=4, min_bytes=0)
+    compressor = ActivationCompressor(model, CompressionOptions(rank=4, min_bytes=0))
     calls = spy_on_pack(compressor)
     with compressor.capture() as stats:
         model(x).float().sum()
     assert stats.kept["non_finite_factors"] == 1 and stats.compressed == 0
     saved_input = next(c for c in calls if c["tensor"].shape == (1024, 256))
-    assert saved_input["kept_raw"] and torch.equal(compressor.unpack(saved_input["packed"]), x)
+    assert saved_input["kept_raw"] and torch.equal(saved_input["packed"].unpack(), x)
 
 
 class Router(nn.Module):
@@ -225,7 +227,9 @@ def test_layer_mode_takes_over_transformers_gradient_checkpointing():
 
     expected, _ = run_and_backward(model, loss_fn)
     with pytest.warns(UserWarning, match="already run under activation checkpointing"):
-        compressor = ActivationCompressor(model, rank=1.0, min_bytes=0, checkpoint=["LlamaDecoderLayer"])
+        compressor = ActivationCompressor(
+            model, CompressionOptions(rank=1.0, min_bytes=0, checkpoint=["LlamaDecoderLayer"])
+        )
     assert compressor.layer_mode and compressor.keep_row_norms
     assert set(compressor.checkpointed_modules) == {"model.layers.0", "model.layers.1"}
     model.zero_grad(set_to_none=True)

@@ -10,10 +10,11 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from loract_lightning.capture_callback import StepCaptureCallback
+from loract_lightning.checks import check_int
 from loract_lightning.context import ActivationCompressor
+from loract_lightning.linalg import relative_error
 from loract_lightning.report import MemoryReport, require_report_packages
-from loract_lightning.step_capture import StepCapture
+from loract_lightning.step_capture import StepCapture, StepCaptureCallback, log_metrics
 
 
 class ActivationMemoryMonitor(StepCaptureCallback):
@@ -61,9 +62,8 @@ class ActivationMemoryMonitor(StepCaptureCallback):
     """
 
     def __init__(self, top_k: int = 15, error_every_n_steps: int = 0, output_dir: str | None = None) -> None:
-        for name, value, minimum in (("top_k", top_k, 1), ("error_every_n_steps", error_every_n_steps, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        check_int("top_k", top_k, minimum=1)
+        check_int("error_every_n_steps", error_every_n_steps)
         require_report_packages("ActivationMemoryMonitor")
         self.top_k = top_k
         self.error_every_n_steps = error_every_n_steps
@@ -72,13 +72,20 @@ class ActivationMemoryMonitor(StepCaptureCallback):
         self.report_files: list[Path] = []
         self._loract: Any = None
         self._capture: StepCapture | None = None  # own capture, only when no LoRAct callback
+        self._measure_errors = False  # this step's factorizations are measured
+        self._step_errors: dict[str, list[float]] = {}
 
     def _step_stats(self):
         return (self._loract or self._capture).step_stats
 
+    def _observe(self, module_name: str, matrix: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+        """LoRAct's compressor calls this with every factorization (one extra rebuild when measuring)."""
+        if self._measure_errors:
+            self._step_errors.setdefault(module_name, []).append(relative_error(matrix, left, right))
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from loract_lightning.callback import LoRAct
+        from loract_lightning.loract import LoRAct
 
         kind = "CUDA peak allocated" if trainer.strategy.root_device.type == "cuda" else "peak resident memory"
         self.report = MemoryReport(peak_label=kind)
@@ -96,9 +103,14 @@ class ActivationMemoryMonitor(StepCaptureCallback):
             torch.cuda.reset_peak_memory_stats(device)
         else:
             _reset_resident_peak()
-        if self._loract is not None:
-            every = self.error_every_n_steps
-            self._loract.compressor.track_error = bool(every) and trainer.global_step % every == 0
+        every = self.error_every_n_steps
+        self._measure_errors = bool(every) and trainer.global_step % every == 0
+        self._step_errors = {}
+        # Attached here, not in on_fit_start: LoRAct builds its compressor in its own on_fit_start,
+        # which may come after this callback's.
+        observers = self._loract.compressor.observers if self._loract is not None else []
+        if self._measure_errors and self._observe not in observers:
+            observers.append(self._observe)
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     @override
@@ -109,8 +121,8 @@ class ActivationMemoryMonitor(StepCaptureCallback):
         stats = self._step_stats()
         device = trainer.strategy.root_device
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _resident_peak()
-        self.report.add_step(stats, trainer.global_step, peak)
-        if not trainer._logger_connector.should_update_logs:
+        self.report.add_step(stats, trainer.global_step, peak, self._step_errors)
+        if not trainer.loggers or not trainer._logger_connector.should_update_logs:
             return
         # Every rank reaches this line at the same steps, so the collectives below line up.
         saved, stored = (
@@ -123,12 +135,11 @@ class ActivationMemoryMonitor(StepCaptureCallback):
             "memory/activations_stored_bytes": stored,
             "memory/peak_bytes": peak,
         }
-        errors = [error for module in stats.modules.values() for error in module.errors]
+        errors = [error for module_errors in self._step_errors.values() for error in module_errors]
         if errors:
             metrics["memory/reconstruction_error_mean"] = sum(errors) / len(errors)
             metrics["memory/reconstruction_error_max"] = max(errors)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+        log_metrics(trainer, metrics)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -140,8 +151,10 @@ class ActivationMemoryMonitor(StepCaptureCallback):
 
     def _close(self) -> None:
         super()._close()
-        if self._loract is not None and self._loract.compressor is not None:
-            self._loract.compressor.track_error = False
+        self._measure_errors = False
+        compressor = self._loract.compressor if self._loract is not None else None
+        if compressor is not None and self._observe in compressor.observers:
+            compressor.observers.remove(self._observe)
 
     def _output_dir(self, trainer: pl.Trainer) -> Path:
         if self.output_dir is not None:

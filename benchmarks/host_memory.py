@@ -1,9 +1,10 @@
-"""Resident memory of the process, and giving freed CPU memory back to the OS (glibc).
+"""Resident memory of the process, and giving freed CPU memory back to the OS (glibc): the
+benchmarks' helpers (the library itself needs neither).
 
 Compression allocates factors of many sizes, and glibc's malloc keeps freed blocks in its heap.
 An early version grew by ~100 MB per MiniLM + LoRA step; the LoRAct callback then called
 ``malloc_trim(0)`` after every CPU step. Since the reference-cycle leak was fixed (see
-``ActivationCompressor.pack``), resident memory stays flat without it (0.11 MiB per step over 120
+``_Forward.pack`` in loract_lightning/context.py), resident memory stays flat without it (0.11 MiB per step over 120
 steps, ``python benchmarks/host_memory_growth.py``), while the call cost ~160 ms a step (13%),
 so the callback no longer makes it. :func:`release_free_memory` stays for loops whose resident
 memory does grow.

@@ -1,20 +1,17 @@
-"""LoRAct callback: compress the training forward of a LightningModule."""
+"""LoRAct: the callback that compresses the training forward of a LightningModule."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from loract_lightning.capture_callback import StepCaptureCallback
 from loract_lightning.context import ActivationCompressor
-from loract_lightning.options import CompressionOptions
-from loract_lightning.policy import AUTO, LINEAR_LAYERS, RankSpec
+from loract_lightning.options import AUTO, LINEAR_LAYERS, CompressionOptions, RankSpec
 from loract_lightning.stats import CompressionStats
-from loract_lightning.step_capture import StepCapture
+from loract_lightning.step_capture import StepCapture, StepCaptureCallback, log_metrics
 
 
 class LoRAct(StepCaptureCallback):
@@ -43,32 +40,12 @@ class LoRAct(StepCaptureCallback):
     attributed to the root module, so ``layers`` overrides do not apply (a warning says so).
 
     Args:
-        rank: default rank: an int k, a float in (0, 1] meaning a fraction of each activation's
-            last dimension, or ``"auto"``: per tensor, the smallest rank meeting ``max_error``.
-        method: ``"sampled_qb"`` (the paper's), ``"randomized_svd"`` or ``"truncated_svd"``.
-        min_bytes: activations smaller than this stay raw.
-        layers: glob pattern on module names -> rank, or None for no compression; first match wins.
-        saved_by: default mode: class names of the modules whose saved tensors are compressed;
-            default: linear layers (their saved input enters only the weight gradient, linearly),
-            the one class that compressed at no measurable cost on SmolLM2 + LoRA. None: whatever
-            any module saves (the paper's default mode). Masks are stored exactly either way.
-        min_width: activations narrower than this (columns or rows) stay raw.
-        checkpoint: layer mode: module class names or glob patterns to run under activation
-            checkpointing; only their inputs are saved, compressed.
-        compress_outside: layer mode: what is saved outside the checkpointed modules gets default
-            mode's treatment (``saved_by``, ``layers``; masks exact); False keeps it raw.
-        seed: seed of the compressor's own random generator.
-        power_iters: power iterations of the randomized methods (None: the method's default).
-        oversample: extra sketch columns of the randomized methods (None: the method's default).
-        keep_row_norms: rebuild each row (token) with its original norm; None (default): in layer
-            mode only. False everywhere gives the paper's plain projection.
-        max_error: ``rank="auto"``: relative error each activation may have.
-        min_rank: ``rank="auto"``: smallest rank used.
-        max_rank: ``rank="auto"``: largest rank, an int or a fraction of the last dimension.
-        side_stream: on CUDA, factorize on a separate stream that overlaps the forward.
-        factor_dtype: ``"bfloat16"`` or ``"float16"``: keep the factors of float32 activations in
-            this dtype (half the memory, faster projection and rebuild on bf16-capable CPUs and
-            on GPUs); None (default): in the activation's dtype.
+        rank, method, min_bytes, layers, saved_by, min_width, checkpoint, compress_outside, seed,
+        power_iters, oversample, keep_row_norms, max_error, min_rank, max_rank, side_stream,
+        factor_dtype: the compression options, by name, with the same defaults; each is
+        described, with its measured effect, in :class:`~loract_lightning.options.CompressionOptions`
+        (the only full description; a bad value raises the error it documents). They are flat
+        here so that YAML ``init_args`` and ``--trainer.callbacks`` can set them.
 
     Example::
 
@@ -142,10 +119,10 @@ class LoRAct(StepCaptureCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.compressor = ActivationCompressor(pl_module, **self.options.to_dict())
+        self.compressor = ActivationCompressor(pl_module, self.options)
         self._capture = StepCapture(self.compressor, several_forwards=not pl_module.automatic_optimization)
         if self._restored_state is not None:
-            self._apply_restored_state(self._restored_state)
+            self.compressor.load_state_dict(self._restored_state)
             self._restored_state = None
         self._log_summary(pl_module)
         if getattr(pl_module, "_compiler_ctx", None) and (self.options.layers or self.options.saved_by is not None):
@@ -180,14 +157,12 @@ class LoRAct(StepCaptureCallback):
             method += f", factors in {self.options.factor_dtype}"
         lines = [f"LoRAct: {mode}, rank {rank_text}, method {method}"]
         module_names = [name for name, _ in pl_module.named_modules()]
-        for pattern, count in compressor.ranks.matches(module_names).items():
+        for pattern, count in compressor.policy.ranks.matches(module_names).items():
             lines.append(f"  layers[{pattern!r}] -> {self.options.layers[pattern]}: matches {count} modules")
         rank_zero_info("\n".join(lines))
 
     def _log_step(self, trainer: pl.Trainer) -> None:
         stats = self.step_stats
-        if not trainer.loggers or not trainer._logger_connector.should_update_logs:
-            return
         metrics = {
             "loract/saved_bytes": float(stats.saved_bytes),
             "loract/stored_bytes": float(stats.stored_bytes),
@@ -195,18 +170,14 @@ class LoRAct(StepCaptureCallback):
             "loract/compress_ms": stats.compress_seconds * 1e3,
             "loract/mean_rank": stats.mean_rank,
         }
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+        log_metrics(trainer, metrics)
 
     # -- checkpointing -----------------------------------------------------------------------
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        generators = self.compressor._generators if self.compressor else {}
-        return {
-            "options": self.options.to_dict(),
-            "generator_states": {str(device): g.get_state() for device, g in generators.items()},
-        }
+        compressor_state = self.compressor.state_dict() if self.compressor else {}
+        return {"options": self.options.to_dict(), **compressor_state}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -224,7 +195,3 @@ class LoRAct(StepCaptureCallback):
                 "LoRAct: resuming with a compression config that differs from the checkpoint's; "
                 "this run uses the new one. Differences: " + "; ".join(differences)
             )
-
-    def _apply_restored_state(self, state: dict[str, Any]) -> None:
-        for device, generator_state in state.get("generator_states", {}).items():
-            self.compressor._generator(torch.device(device)).set_state(generator_state)
