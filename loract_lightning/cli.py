@@ -82,9 +82,8 @@ def profile(args: list[str]) -> None:
     """
     from loract_lightning.activation_memory_monitor import ActivationMemoryMonitor
     from loract_lightning.loract import LoRAct
-    from loract_lightning.rank_profile import layers_yaml
     from loract_lightning.rank_profiler import RankProfiler
-    from loract_lightning.report import require_report_packages
+    from loract_lightning.report import layers_yaml, print_rank_profile, require_report_packages, write_rank_profile
 
     parser = argparse.ArgumentParser(prog="loract profile", description=profile.__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=2, help="training batches to profile (default 2)")
@@ -137,8 +136,8 @@ def profile(args: list[str]) -> None:
         layers = measured.layers_for_budget(ours.memory_budget)
     else:
         layers = measured.layers_for_error(ours.max_error)
-    measured.print_table(ours.top_k)
-    files = measured.write(ours.output_dir, layers, ours.top_k, keep_raw)
+    print_rank_profile(measured, ours.top_k)
+    files = write_rank_profile(measured, ours.output_dir, layers, ours.top_k, keep_raw)
     print(layers_yaml(layers, measured.stored_ratio(layers), keep_raw))
     print("written: " + ", ".join(str(path) for path in files))
 

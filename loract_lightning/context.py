@@ -158,7 +158,8 @@ class ActivationCompressor:
         generator = self._generator(tensor.device) if decision.auto or self.options.method in RANDOMIZED else None
         dtype = self._factor_dtype_for(matrix)
         if decision.auto:
-            options = {"min_rank": self.options.min_rank, "max_rank": rank, "generator": generator, "dtype": dtype}
+            min_rank = min(self.options.min_rank, rank)  # a small matrix caps the search below min_rank
+            options = {"min_rank": min_rank, "max_rank": rank, "generator": generator, "dtype": dtype}
             factorize = functools.partial(adaptive_qb, max_error=self.options.max_error, **options)
         else:
             options = self._method_options | {"dtype": dtype}

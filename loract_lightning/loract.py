@@ -77,7 +77,7 @@ class LoRAct(StepCaptureCallback):
         oversample: int | None = None,
         keep_row_norms: bool | None = None,
         max_error: float = 0.2,
-        min_rank: int = 1,
+        min_rank: int = 64,
         max_rank: int | float = 0.5,
         side_stream: bool = True,
         factor_dtype: Literal["bfloat16", "float16"] | None = None,

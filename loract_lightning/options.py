@@ -101,7 +101,12 @@ class CompressionOptions:
             plain projection ``A Q Q^T``. None (default): on in layer mode, where it cuts the
             gradient error, off in default mode, where it made it worse (docs/faq.md).
         max_error: ``rank="auto"``: the relative Frobenius error each activation may have, in (0, 1).
-        min_rank: ``rank="auto"``: the smallest rank used (an int >= 1).
+        min_rank: the fewest directions a fractional rank (``rank``, ``layers`` or ``max_rank``
+            values that are floats) or ``"auto"`` gives, where the matrix allows (an int >= 1;
+            an int rank is used as it is). A fraction of a narrow activation is a handful of
+            directions (MiniLM, width 384: 48 at rank 1/8); the default floor of 64 is what kept
+            MiniLM's accuracy within 1 point (docs/results.md), and leaves SmolLM2 (width 576 and
+            more) at rank 1/8 untouched.
         max_rank: ``rank="auto"``: the largest rank, an int or a fraction as for ``rank``; never
             more than the rank at which factors stop saving memory. At this rank the error target
             may be missed.
@@ -139,7 +144,7 @@ class CompressionOptions:
     oversample: int | None = None
     keep_row_norms: bool | None = None
     max_error: float = 0.2
-    min_rank: int = 1
+    min_rank: int = 64
     max_rank: int | float = 0.5
     side_stream: bool = True
     factor_dtype: str | None = None

@@ -82,17 +82,18 @@ def has_class(module: nn.Module, class_names: Iterable[str]) -> bool:
     return any(cls.__name__ in names for cls in type(module).__mro__)
 
 
-def resolve_rank(rank: int | float, num_rows: int, num_cols: int) -> int:
+def resolve_rank(rank: int | float, num_rows: int, num_cols: int, min_rank: int = 1) -> int:
     """The number of factor columns ``k`` that ``rank`` asks for on an M x N matrix.
 
     A float is a fraction of N, the last dimension; when the matrix has fewer rows than columns
     (logits of a short batch over a large vocabulary) it is a fraction of M instead, since the
-    rank cannot exceed min(M, N). The result never exceeds min(M, N).
+    rank cannot exceed min(M, N). A fraction gives at least ``min_rank``; an int is taken as it
+    is. The result never exceeds min(M, N).
     """
     largest = min(num_rows, num_cols)
     if isinstance(rank, float):
-        return max(1, round(rank * largest))
-    return min(rank, largest)
+        rank = max(min_rank, round(rank * largest))
+    return max(1, min(rank, largest))
 
 
 def keeps_memory(rank: int, num_rows: int, num_cols: int) -> bool:
@@ -300,9 +301,9 @@ class SelectionPolicy:
     def _rank(self, rank_spec: RankSpec, num_rows: int, num_cols: int) -> int:
         """The rank to factorize at; for ``"auto"`` the largest rank the choice may reach."""
         if rank_spec != AUTO:
-            return resolve_rank(rank_spec, num_rows, num_cols)
+            return resolve_rank(rank_spec, num_rows, num_cols, self.options.min_rank)
         # Up to max_rank, and below the rank at which the factors would hold as much as the tensor.
-        largest = resolve_rank(self.options.max_rank, num_rows, num_cols)
+        largest = resolve_rank(self.options.max_rank, num_rows, num_cols, self.options.min_rank)
         return min(largest, (num_rows * num_cols - 1) // (num_rows + num_cols))
 
 

@@ -3,15 +3,14 @@
 :class:`RankProfile` is fed every activation the engine would factorize (``observe``), and for
 each module keeps, at every candidate rank, the best relative error any rank-k factorization can
 reach (from the singular values) and the error the configured method really reaches. From those
-it proposes a ``layers:`` block, either for an error target or for a memory budget.
+it proposes a ``layers:`` block, either for an error target or for a memory budget. Printing and
+writing it is :mod:`loract_lightning.report`'s job.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -19,7 +18,6 @@ from torch import Tensor
 from loract_lightning.checks import check_choice, check_fraction
 from loract_lightning.linalg import METHODS, RANDOMIZED, relative_error
 from loract_lightning.policy import keeps_memory, resolve_rank
-from loract_lightning.report import format_bytes, shorten
 
 CANDIDATE_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 TARGET_ERRORS = (0.1, 0.2, 0.3)
@@ -162,73 +160,3 @@ class RankProfile:
                 "rank_fraction_needed": {str(t): f for t, f in spectrum.needed_fraction.items()},
             })  # fmt: skip
         return rows
-
-    def print_table(self, top_k: int = 20) -> None:
-        from rich.console import Console
-        from rich.table import Table
-
-        rows = self.rows()
-        table = Table(
-            title=f"Relative error per candidate rank, optimal / {self.method} (top {min(top_k, len(rows))} of "
-            f"{len(rows)} modules by saved bytes)"
-        )
-        table.add_column("module")
-        table.add_column("saved", justify="right")
-        for fraction in CANDIDATE_FRACTIONS:
-            table.add_column(f"1/{round(1 / fraction)}", justify="right")
-        for target in TARGET_ERRORS:
-            table.add_column(f"rank for {target}", justify="right")
-        for row in rows[:top_k]:
-            errors = [f"{o:.2f}/{m:.2f}" for o, m in zip(row["optimal_error"], row["method_error"], strict=True)]
-            needed = [f"{row['rank_fraction_needed'][str(t)]:.3f}" for t in TARGET_ERRORS]
-            table.add_row(shorten(row["module"]), format_bytes(row["saved_bytes"]), *errors, *needed)
-        console = Console()
-        if not console.is_terminal:  # a log file: no need to squeeze the table into 80 columns
-            console.width = 200
-        console.print(table)
-
-    def write(
-        self, directory: Path, layers: dict[str, float | None], top_k: int = 12, keep_raw: tuple[str, ...] = ()
-    ) -> list[Path]:
-        """``rank_profile.json``, ``rank_profile.png`` and ``loract_layers.yaml`` in ``directory``."""
-        directory.mkdir(parents=True, exist_ok=True)
-        data = directory / "rank_profile.json"
-        data.write_text(json.dumps({"method": self.method, "steps": self.steps, "modules": self.rows()}, indent=2))
-        block = directory / "loract_layers.yaml"
-        block.write_text(layers_yaml(layers, self.stored_ratio(layers), keep_raw))
-        chart = directory / "rank_profile.png"
-        self._chart(self.rows()[:top_k], chart)
-        return [data, block, chart]
-
-    def _chart(self, rows: list[dict], path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axes = plt.subplots(figsize=(9, 5.5))
-        for index, row in enumerate(rows):
-            color = plt.cm.tab20(index % 20)
-            axes.plot(row["fractions"], row["method_error"], marker="o", color=color, label=shorten(row["module"], 40))
-            axes.plot(row["fractions"], row["optimal_error"], linestyle="--", color=color)
-        axes.set_xscale("log", base=2)
-        axes.set_xlabel("rank (fraction of the activation's last dimension)")
-        axes.set_ylabel("relative error")
-        axes.set_title(f"Error vs rank per module: {self.method} (solid), optimal (dashed)")
-        axes.legend(fontsize=7, loc="upper right")
-        figure.tight_layout()
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-
-
-def layers_yaml(layers: dict[str, float | None], stored_ratio: float, keep_raw: tuple[str, ...] = ()) -> str:
-    """A ``layers:`` block to paste under the LoRAct callback's ``init_args``; the ``keep_raw``
-    patterns (the run's own None entries) come first, as the first matching pattern wins."""
-    lines = [
-        f"# Proposed by `loract profile`; stored / saved bytes of the profiled activations: {stored_ratio:.3f}.",
-        "# null keeps a module's activations raw. Paste under the LoRAct callback's init_args.",
-        "layers:",
-    ]
-    lines += [f'  "{pattern}": null' for pattern in keep_raw]
-    lines += [f'  "{name}": {"null" if rank is None else repr(rank)}' for name, rank in layers.items()]
-    return "\n".join(lines) + "\n"

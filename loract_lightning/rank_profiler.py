@@ -23,7 +23,8 @@ class RankProfiler(StepCaptureCallback):
     :class:`~loract_lightning.rank_profile.RankProfile`, which records per module the optimal and
     the method's relative error at candidate ranks. ``loract profile`` drives this callback and
     prints and writes the result. The callback itself needs only the core install; the profile's
-    ``print_table`` and ``write`` need the ``report`` extra (rich, matplotlib).
+    table and files (:func:`~loract_lightning.report.print_rank_profile`, ``write_rank_profile``) need
+    the ``report`` extra (rich, matplotlib).
 
     Args:
         batches: training batches to profile.

@@ -1,4 +1,9 @@
-"""Per-module activation memory over a fit: accumulate, combine across ranks, print and write."""
+"""Every table, chart and file LoRAct's tools write (the ``report`` extra: rich, matplotlib).
+
+:class:`MemoryReport`: the monitor's per-module activation memory over a fit (accumulated,
+combined across ranks, printed and written); :func:`print_rank_profile` and
+:func:`write_rank_profile`: ``loract profile``'s table, files and proposed ``layers:`` block.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from loract_lightning.rank_profile import CANDIDATE_FRACTIONS, TARGET_ERRORS, RankProfile
 from loract_lightning.stats import CompressionStats
 
 COLUMNS = ("module", "saved_bytes", "stored_bytes", "ratio", "ranks", "error_mean", "error_max")
@@ -189,6 +195,89 @@ class MemoryReport:
         figure.tight_layout()
         figure.savefig(path, dpi=110)
         plt.close(figure)
+
+
+# -- the rank profile (``loract profile``) -----------------------------------------------------
+
+
+def print_rank_profile(profile: RankProfile, top_k: int = 20) -> None:
+    """The profile's table: per module, optimal / method error at each candidate rank."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = profile.rows()
+    table = Table(
+        title=f"Relative error per candidate rank, optimal / {profile.method} (top {min(top_k, len(rows))} of "
+        f"{len(rows)} modules by saved bytes)"
+    )
+    table.add_column("module")
+    table.add_column("saved", justify="right")
+    for fraction in CANDIDATE_FRACTIONS:
+        table.add_column(f"1/{round(1 / fraction)}", justify="right")
+    for target in TARGET_ERRORS:
+        table.add_column(f"rank for {target}", justify="right")
+    for row in rows[:top_k]:
+        errors = [f"{o:.2f}/{m:.2f}" for o, m in zip(row["optimal_error"], row["method_error"], strict=True)]
+        needed = [f"{row['rank_fraction_needed'][str(t)]:.3f}" for t in TARGET_ERRORS]
+        table.add_row(shorten(row["module"]), format_bytes(row["saved_bytes"]), *errors, *needed)
+    console = Console()
+    if not console.is_terminal:  # a log file: no need to squeeze the table into 80 columns
+        console.width = 200
+    console.print(table)
+
+
+def write_rank_profile(
+    profile: RankProfile,
+    directory: Path,
+    layers: dict[str, float | None],
+    top_k: int = 12,
+    keep_raw: tuple[str, ...] = (),
+) -> list[Path]:
+    """Write ``rank_profile.json``, ``rank_profile.png`` and ``loract_layers.yaml`` (the proposed
+    ``layers`` block) into ``directory``; returns their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = profile.rows()
+    data = directory / "rank_profile.json"
+    data.write_text(json.dumps({"method": profile.method, "steps": profile.steps, "modules": rows}, indent=2))
+    block = directory / "loract_layers.yaml"
+    block.write_text(layers_yaml(layers, profile.stored_ratio(layers), keep_raw))
+    chart = directory / "rank_profile.png"
+    _rank_profile_chart(rows[:top_k], profile.method, chart)
+    return [data, block, chart]
+
+
+def _rank_profile_chart(rows: list[dict], method: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(9, 5.5))
+    for index, row in enumerate(rows):
+        color = plt.cm.tab20(index % 20)
+        axes.plot(row["fractions"], row["method_error"], marker="o", color=color, label=shorten(row["module"], 40))
+        axes.plot(row["fractions"], row["optimal_error"], linestyle="--", color=color)
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("rank (fraction of the activation's last dimension)")
+    axes.set_ylabel("relative error")
+    axes.set_title(f"Error vs rank per module: {method} (solid), optimal (dashed)")
+    axes.legend(fontsize=7, loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def layers_yaml(layers: dict[str, float | None], stored_ratio: float, keep_raw: tuple[str, ...] = ()) -> str:
+    """A ``layers:`` block to paste under the LoRAct callback's ``init_args``; the ``keep_raw``
+    patterns (the run's own None entries) come first, as the first matching pattern wins."""
+    lines = [
+        f"# Proposed by `loract profile`; stored / saved bytes of the profiled activations: {stored_ratio:.3f}.",
+        "# null keeps a module's activations raw. Paste under the LoRAct callback's init_args.",
+        "layers:",
+    ]
+    lines += [f'  "{pattern}": null' for pattern in keep_raw]
+    lines += [f'  "{name}": {"null" if rank is None else repr(rank)}' for name, rank in layers.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _format_ranks(ranks: set[int]) -> str:

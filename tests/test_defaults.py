@@ -13,7 +13,7 @@ import torch
 from conftest import spy_on_pack, tiny_llama
 from torch import nn
 
-from loract_lightning import ActivationCompressor, CompressionOptions
+from loract_lightning import ActivationCompressor, CompressionOptions, compress_activations
 from loract_lightning.packed import PackedTensor, TwoValuedMask
 from loract_lightning.policy import LINEAR_LAYERS
 
@@ -87,7 +87,8 @@ def _factorized(call: dict) -> bool:
 
 
 def test_default_gradient_error_is_small_and_the_guards_matter(lora_llama):
-    """Measured here: defaults 0.12 (cosine 0.993); LoRA B's narrow input compressed too: 0.79."""
+    """Measured here: defaults 0.08; at rank 1/8 with no floors (min_rank 1, LoRA B's narrow input
+    compressed too) 0.79; either floor alone keeps LoRA B's 8-wide input exact (rank 8 of 8: raw)."""
     model, loss_fn = lora_llama
     expected, _ = _lora_gradient(model, loss_fn)
 
@@ -97,7 +98,9 @@ def test_default_gradient_error_is_small_and_the_guards_matter(lora_llama):
         return float((got - expected).norm() / expected.norm())
 
     assert error() < 0.2
-    assert error(min_width=0) > 0.5  # the width floor is what keeps LoRA B's gradient right
+    assert error(min_width=0, min_rank=1) > 0.5  # without both floors LoRA B's gradient goes wrong
+    assert error(min_width=0) < 0.2  # the rank floor alone covers it
+    assert error(min_rank=1) < 0.2  # and so does the width floor alone
 
 
 def test_default_mode_over_modules_checkpointed_elsewhere_says_their_inputs_stay_raw(known_rank_net):
@@ -110,3 +113,22 @@ def test_default_mode_over_modules_checkpointed_elsewhere_says_their_inputs_stay
     with compressor.capture() as stats:
         known_rank_net(torch.randn(4, 128, 128)).backward()
     assert stats.compressed == 0 and stats.kept["not_in_saved_by"] == 2
+
+
+@pytest.mark.parametrize(
+    ("rank", "width", "expected"),
+    [(0.125, 384, 64), (0.125, 1536, 192), (16, 384, 16), (0.125, 64, None)],
+    ids=["fraction-below-the-floor", "fraction-above-it", "int-as-given", "floor-saves-nothing"],
+)
+def test_a_fractional_rank_gives_at_least_min_rank_directions(rank, width, expected):
+    # MiniLM's 384-wide inputs at 1/8 would get 48 directions, which cost it accuracy; an int rank
+    # is the user's own choice and is kept; where 64 directions would not save memory, raw.
+    model = nn.Linear(width, 8).train()
+    x = torch.randn(2048, width)  # more rows than columns: a fraction of the width
+    with compress_activations(model, rank=rank, min_bytes=0) as stats:
+        loss = model(x).sum()
+    loss.backward()
+    if expected is None:
+        assert stats.compressed == 0 and stats.kept["rank_too_high"] == 1
+    else:
+        assert stats.modules[""].ranks == {expected}

@@ -67,4 +67,3 @@ def test_cuda_memory_falls_with_the_ratio():
     held_compressed, peak_compressed, ratio = measure(rank=64)
     assert held_compressed / held == pytest.approx(ratio, abs=0.1)
     assert peak_compressed < peak
-

@@ -122,8 +122,9 @@ class FrozenConvNet(nn.Module):
 def test_frozen_conv_weights_cast_by_autocast_are_never_factorized():
     model = FrozenConvNet().train()
     weight_shapes = {tuple(p.shape) for p in model.body.parameters() if p.ndim == 4}
-    # 32-px wide inputs too.
-    compressor = ActivationCompressor(model, CompressionOptions(rank=0.125, min_bytes=0, min_width=0))
+    # 32-px wide inputs factorized too (no width or rank floor), so that something is compressed.
+    options = CompressionOptions(rank=0.125, min_bytes=0, min_width=0, min_rank=1)
+    compressor = ActivationCompressor(model, options)
     calls = spy_on_pack(compressor)
     x = torch.randn(4, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16), compressor.capture() as stats:
