@@ -148,7 +148,9 @@ class LoRAct(StepCaptureCallback):
             saved_by = self.options.saved_by
             mode = "default mode, " + (f"tensors saved by {', '.join(saved_by)}" if saved_by else "every saved tensor")
         rank = self.options.rank
-        rank_text = f"{rank} of each activation's last dim" if isinstance(rank, float) else f"{rank}"
+        rank_text = f"{rank}"
+        if isinstance(rank, float):
+            rank_text = f"{rank} of each activation's last dim (at least {self.options.min_rank})"
         if rank == AUTO:
             options = self.options
             rank_text = f"auto (max_error {options.max_error}, ranks {options.min_rank}..{options.max_rank})"
