@@ -17,10 +17,13 @@ pytestmark = pytest.mark.slow
 
 RANK = 0.125
 MIN_BYTES = 1 << 16
+MIN_RANK = 1  # rank 1/8 as it is: these small models are narrower than the default floor of 64
 
 
 def capture_with_spy(model, loss_fn, **options):
-    compressor = ActivationCompressor(model, CompressionOptions(rank=RANK, min_bytes=MIN_BYTES, **options))
+    compressor = ActivationCompressor(
+        model, CompressionOptions(rank=RANK, min_bytes=MIN_BYTES, min_rank=MIN_RANK, **options)
+    )
     calls = spy_on_pack(compressor)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)
@@ -123,7 +126,7 @@ def test_views_of_one_region_share_one_rebuild_per_backward(name, request, monke
         return rebuild(region)
 
     monkeypatch.setattr(StoredRegion, "rebuild", counted)
-    compressor = ActivationCompressor(model, CompressionOptions(rank=RANK, min_bytes=MIN_BYTES))
+    compressor = ActivationCompressor(model, CompressionOptions(rank=RANK, min_bytes=MIN_BYTES, min_rank=MIN_RANK))
     calls = spy_on_pack(compressor)
     with compressor.capture():
         loss = loss_fn()
