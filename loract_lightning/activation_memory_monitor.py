@@ -14,7 +14,7 @@ from loract_lightning.checks import check_int
 from loract_lightning.context import ActivationCompressor
 from loract_lightning.linalg import relative_error
 from loract_lightning.report import MemoryReport, require_report_packages
-from loract_lightning.step_capture import StepCapture, StepCaptureCallback, log_metrics
+from loract_lightning.step_capture import StepCapture, StepCaptureCallback, log_metrics, should_log
 
 
 class ActivationMemoryMonitor(StepCaptureCallback):
@@ -122,7 +122,7 @@ class ActivationMemoryMonitor(StepCaptureCallback):
         device = trainer.strategy.root_device
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _resident_peak()
         self.report.add_step(stats, trainer.global_step, peak, self._step_errors)
-        if not trainer.loggers or not trainer._logger_connector.should_update_logs:
+        if not should_log(trainer):
             return
         # Every rank reaches this line at the same steps, so the collectives below line up.
         saved, stored = (

@@ -28,9 +28,14 @@ from loract_lightning.context import ActivationCompressor
 from loract_lightning.stats import CompressionStats
 
 
+def should_log(trainer: pl.Trainer) -> bool:
+    """Whether this step is one that ``log_every_n_steps`` picks, and there is a logger to write to."""
+    return bool(trainer.loggers) and trainer._logger_connector.should_update_logs
+
+
 def log_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-    """Send ``metrics`` to every logger at the current step, on the steps ``log_every_n_steps`` picks."""
-    if not trainer.loggers or not trainer._logger_connector.should_update_logs:
+    """Send ``metrics`` to every logger at the current step, on the steps :func:`should_log` picks."""
+    if not should_log(trainer):
         return
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
