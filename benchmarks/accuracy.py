@@ -1,20 +1,21 @@
 """Full fine-tuning runs of the shipped configs over several seeds: accuracy and memory, mean ± std.
 
 Each run is ``python -m loract_lightning.cli fit --config <config>`` with its own seed and log
-folder; its metrics come from the run's CSV log: the last logged value of every ``val_*`` metric
-(validation after the last epoch), and the ``test_*``/``best_*`` metrics that the configs'
-``BestValidationTest`` logs (the test split scored with the best validation epoch's weights); the
-activation memory ratio (stored / saved bytes, averaged over training steps) from LoRAct's
-``loract/ratio`` metric (1.0 for a run without LoRAct). Arguments it does not know go to every
-run. ``--grid KEY=V1,V2`` runs every config once per value of a
-setting (a dotted path in the YAML; several ``--grid`` make a product); ``--ranks`` is the
+folder, ``<config>`` being the shipped run (``task/variant``, see ``examples/configs.py``) as
+LightningCLI merges it, with the settings under study changed. Its metrics come from the run's CSV
+log: the last logged value of every ``val_*`` metric (validation after the last epoch), and the
+``test_*``/``best_*`` metrics that the configs' ``BestValidationTest`` logs (the test split scored
+with the best validation epoch's weights); the activation memory ratio (stored / saved bytes,
+averaged over training steps) from LoRAct's ``loract/ratio`` metric (1.0 for a run without LoRAct).
+Arguments it does not know go to every run. ``--grid KEY=V1,V2`` runs every config once per value of
+a setting (a dotted path in the YAML; several ``--grid`` make a product); ``--ranks`` is the
 shorthand for the LoRAct callback's rank (the accuracy-vs-rank study).
 
-    python benchmarks/accuracy.py --configs text_baseline text_loract text_loract_layer --seeds 0 1 2 \
+    python benchmarks/accuracy.py --configs text/baseline text/loract text/loract_layer --seeds 0 1 2 \
         --columns test_accuracy test_macro_f1 best_val_accuracy val_accuracy \
         --trainer.max_epochs=1 --data.init_args.max_train_samples=6400 --trainer.val_check_interval=0.5
-    python benchmarks/accuracy.py --configs text_loract --ranks 0.0625 0.25 0.5 --seeds 0 1 2
-    python benchmarks/accuracy.py --configs text_baseline --grid model.init_args.lr=3e-4,1e-3
+    python benchmarks/accuracy.py --configs text/loract --ranks 0.0625 0.25 0.5 --seeds 0 1 2
+    python benchmarks/accuracy.py --configs text/baseline --grid model.init_args.lr=3e-4,1e-3
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from pathlib import Path
 
 import yaml
 
+from examples.configs import resolved_config
+
 ROOT = Path(__file__).resolve().parent.parent
 LORACT_CLASS = "loract_lightning.LoRAct"
 
@@ -51,9 +54,9 @@ class Run:
 
     @property
     def name(self) -> str:
-        return "-".join([self.config, *(f"{key.rsplit('.', 1)[-1]}{value}" for key, value in self.settings)]) + (
-            f"-s{self.seed}"
-        )
+        return "-".join(
+            [self.config.replace("/", "_"), *(f"{key.rsplit('.', 1)[-1]}{value}" for key, value in self.settings)]
+        ) + (f"-s{self.seed}")
 
 
 def has_loract(config: dict) -> bool:
@@ -165,7 +168,7 @@ def print_table(table: list[dict], columns: list[str] | None = None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", required=True, help="names in configs/ (without .yaml)")
+    parser.add_argument("--configs", nargs="+", required=True, help="shipped runs, task/variant: text/loract")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--ranks", nargs="*", type=float, default=[], help="ranks to run for LoRAct configs")
     parser.add_argument("--grid", nargs="*", default=[], help="KEY=V1,V2: run each value of a config setting")
@@ -178,11 +181,10 @@ def main() -> None:
     extra = args.extra + unknown
     configs = {}
     for name in args.configs:
-        path = ROOT / "configs" / f"{name}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-            parser.error(f"--configs: no configs/{name}.yaml; choose from {known}")
-        configs[name] = yaml.safe_load(path.read_text())
+        try:
+            configs[name] = resolved_config(name)
+        except ValueError as error:
+            parser.error(f"--configs: {error}")
     grid = parse_grid(args.grid)
     runs = []
     for name, config in configs.items():

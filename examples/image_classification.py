@@ -5,7 +5,7 @@ Defaults ship offline: scikit-learn's 8x8 digits (1797 images, 10 classes), upsa
 name; ``pretrained=True`` loads its weights from the hub (needs network). ``data_dir`` takes an
 ``ImageFolder``-style folder (``train/`` and ``test/`` with one subfolder per class) instead.
 
-    loract fit --config configs/vision_loract.yaml
+    loract fit --config configs/vision/baseline.yaml --config configs/vision/loract.yaml
 """
 
 from __future__ import annotations

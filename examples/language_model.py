@@ -7,8 +7,8 @@ causal LM (and ``tokenizer_name_or_path`` its tokenizer) by hub name or folder;
 converted once into a plain checkpoint, see :mod:`examples.pretrained`). Without a name, a small
 randomly initialised Llama over character tokens is trained from scratch.
 
-    loract fit --config configs/smollm2_loract.yaml     # SmolLM2 + LoRA, the README's main job
-    loract fit --config configs/lm_loract.yaml          # the small Llama from scratch
+    loract fit -c configs/smollm2/baseline.yaml -c configs/smollm2/loract.yaml   # SmolLM2 + LoRA, the main job
+    loract fit -c configs/lm/baseline.yaml -c configs/lm/loract.yaml             # the small Llama from scratch
 """
 
 from __future__ import annotations

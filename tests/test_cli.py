@@ -11,12 +11,13 @@ import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 
+from examples.configs import CONFIG_DIR, config_arguments, config_names
 from loract_lightning import LoRAct
 from loract_lightning.cli import main
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = config_names()
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +32,16 @@ class TrainableSnapshot(Callback):
         self.before = {name: p.detach().clone() for name, p in pl_module.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_task_has_a_baseline_and_every_overlay_adds_one_loract():
+    tasks = {name.split("/")[0] for name in CONFIGS}
+    assert tasks and all(f"{task}/baseline" in CONFIGS for task in tasks)
+    for overlay in sorted(CONFIG_DIR.glob("*/*.yaml")):
+        added = yaml.safe_load(overlay.read_text())["trainer"].get("callbacks+", [])
+        loracts = [c for c in added if c["class_path"] == "loract_lightning.LoRAct"]
+        assert len(loracts) == (overlay.stem != "baseline"), overlay
+
+
+@pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_runs_a_fast_dev_run(config, tmp_path, monkeypatch):
     fits = []
     fit = Trainer.fit
@@ -42,7 +52,7 @@ def test_every_config_runs_a_fast_dev_run(config, tmp_path, monkeypatch):
         return fit(trainer, model, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "fit", recording_fit)
-    main(["fit", "--config", str(config), "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
+    main(["fit", *config_arguments(config), "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
     ((trainer, model, snapshot),) = fits
     assert trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.FINISHED
     assert trainer.global_step == 1  # fast_dev_run: one training batch, one optimizer step
@@ -50,36 +60,34 @@ def test_every_config_runs_a_fast_dev_run(config, tmp_path, monkeypatch):
     assert snapshot.before, "no trainable parameters"
     assert any(not torch.equal(after[name], p) for name, p in snapshot.before.items()), "no parameter was updated"
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
-    configured = yaml.safe_load(config.read_text())["trainer"].get("callbacks") or []
-    configured = [c["init_args"] for c in configured if c["class_path"] == "loract_lightning.LoRAct"]
     callbacks = [c for c in trainer.callbacks if isinstance(c, LoRAct)]
-    assert len(callbacks) == len(configured)
-    if not configured:  # a baseline
+    assert len(callbacks) == (not config.endswith("/baseline"))
+    if not callbacks:  # a baseline
         return
-    (loract,), (init_args,) = callbacks, configured
+    (loract,) = callbacks
     stats = loract.step_stats
     assert stats.compressed > 0 and stats.mean_rank >= 1, stats
     assert 0 < stats.stored_bytes < stats.saved_bytes, stats
     compressor = loract.compressor
-    assert compressor.layer_mode == bool(init_args.get("checkpoint"))
+    assert compressor.layer_mode == bool(loract.options.checkpoint)
     if compressor.layer_mode:  # a checkpointed block saves only its input: one factorization per block
-        assert compressor.checkpointed_modules, init_args
+        assert compressor.checkpointed_modules, loract.options.checkpoint
         assert all(stats.modules[name].compressed == 1 for name in compressor.checkpointed_modules), stats
     assert not loract.installed  # removed at the end of fit
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+@pytest.mark.parametrize("config", CONFIGS)
 def test_print_config_round_trips(config, tmp_path, capsys):
-    def printed(path: Path) -> dict:
+    def printed(*config_arguments: str) -> dict:
         with pytest.raises(SystemExit) as exited:
-            main(["fit", "--config", str(path), "--print_config"])
+            main(["fit", *config_arguments, "--print_config"])
         assert exited.value.code in (0, None)
         return yaml.safe_load(capsys.readouterr().out)
 
-    first = printed(config)
+    first = printed(*config_arguments(config))
     again = tmp_path / "printed.yaml"
     again.write_text(yaml.safe_dump(first))
-    assert printed(again) == first
+    assert printed("--config", str(again)) == first
     callbacks = first["trainer"].get("callbacks") or []
     assert all(c["class_path"].startswith(("loract_lightning", "lightning", "examples.")) for c in callbacks)
 
@@ -92,28 +100,29 @@ def run_failing(capsys, *args: str) -> str:
 
 
 def test_unknown_option_names_the_field(capsys):
-    report = run_failing(capsys, "--config", "configs/text_loract.yaml", "--model.init_args.no_such_option=1")
+    report = run_failing(capsys, *config_arguments("text/loract"), "--model.init_args.no_such_option=1")
     assert "no_such_option" in report
 
 
-def test_bad_rank_in_yaml_names_the_value(tmp_path, capsys):
-    config = yaml.safe_load((ROOT / "configs" / "text_loract.yaml").read_text())
-    config["trainer"]["callbacks"][0]["init_args"]["rank"] = 0
+def test_bad_rank_in_an_overlay_names_the_value(tmp_path, capsys):
+    overlay = yaml.safe_load((CONFIG_DIR / "text" / "loract.yaml").read_text())
+    overlay["trainer"]["callbacks+"][0]["init_args"]["rank"] = 0
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(config))
-    assert "rank must be an int >= 1, a float in (0, 1], 'auto', got 0" in run_failing(capsys, "--config", str(bad))
+    bad.write_text(yaml.safe_dump(overlay))
+    report = run_failing(capsys, *config_arguments("text/baseline"), "--config", str(bad))
+    assert "rank must be an int >= 1, a float in (0, 1], 'auto', got 0" in report
 
 
 def test_missing_data_dir_names_the_path(tmp_path, capsys):
     report = run_failing(
-        capsys, "--config", "configs/text_baseline.yaml",
+        capsys, *config_arguments("text/baseline"),
         f"--data.init_args.data_name_or_path={tmp_path / 'nowhere.csv'}", "--trainer.fast_dev_run=true",
     )  # fmt: skip
     assert "nowhere.csv" in report
 
 
 def test_bad_lr_schedule_names_the_value_and_the_choices(capsys):
-    report = run_failing(capsys, "--config", "configs/text_baseline.yaml", "--model.init_args.lr_schedule=cosine")
+    report = run_failing(capsys, *config_arguments("text/baseline"), "--model.init_args.lr_schedule=cosine")
     assert "lr_schedule must be one of ['one_cycle', 'constant'], got 'cosine'" in report
 
 
@@ -133,7 +142,7 @@ def test_text_learning_rate_warms_up_then_decays_or_stays(schedule, tmp_path, mo
 
     monkeypatch.setattr(Trainer, "fit", recording_fit)
     main([
-        "fit", "--config", "configs/text_baseline.yaml", f"--model.init_args.lr_schedule={schedule}",
+        "fit", *config_arguments("text/baseline"), f"--model.init_args.lr_schedule={schedule}",
         "--data.init_args.max_train_samples=40", "--data.init_args.batch_size=2", "--data.init_args.max_length=16",
         "--trainer.max_epochs=1", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.enable_checkpointing=false",

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from lightning.pytorch import Trainer
 
+from examples.configs import config_arguments
 from loract_lightning import ActivationMemoryMonitor
 from loract_lightning import cli as loract_cli
 from loract_lightning.report import REPORT_PACKAGES
@@ -61,15 +63,15 @@ def test_loract_fit_config_with_the_monitor_fails_while_the_cli_is_built(monkeyp
     ]
     # jsonargparse reports a failing callback constructor as a ValueError quoting its message.
     with pytest.raises((ValueError, ModuleNotFoundError), match=EXTRA):
-        loract_cli.build_cli(arguments, run=False, save_config=False)
+        loract_cli.build_cli(arguments, run=False)
 
 
-def test_loract_profile_without_rich_exits_before_the_run(monkeypatch, capsys):
+def test_loract_profile_without_rich_stops_before_the_run(monkeypatch):
     hide(monkeypatch, "rich")
 
-    def no_run(*args, **kwargs):
-        raise AssertionError("loract profile built the run although it cannot print its result")
+    def no_fit(*args, **kwargs):
+        raise AssertionError("loract profile ran although it cannot print its result")
 
-    monkeypatch.setattr(loract_cli, "build_cli", no_run)
-    with pytest.raises(SystemExit, match=f"loract profile .*not installed: rich\\. .*{EXTRA}"):
-        loract_cli.main(["profile", "--config", str(ROOT / "configs" / "vision_loract.yaml")])
+    monkeypatch.setattr(Trainer, "fit", no_fit)
+    with pytest.raises(ModuleNotFoundError, match=f"loract profile .*not installed: rich\\. .*{EXTRA}"):
+        loract_cli.main(["profile", *config_arguments("vision/loract")])

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from examples.configs import CONFIG_DIR, config_arguments
 from loract_lightning.cli import main
 from loract_lightning.linalg import relative_error, truncated_svd
 from loract_lightning.policy import resolve_rank
@@ -104,11 +105,13 @@ def test_profile_command_writes_a_layers_block_that_loads_back(tmp_path, monkeyp
     monkeypatch.chdir(ROOT)
     saved_config = ROOT / "config.yaml"  # what LightningCLI would save for a logger-less run
     saved_config.unlink(missing_ok=True)
-    run = yaml.safe_load((ROOT / "configs" / "vision_loract.yaml").read_text())
-    run["trainer"]["callbacks"][0]["init_args"]["layers"] = {"*.attn": None}  # an entry the profile must keep
-    config = tmp_path / "vision_loract_attention_raw.yaml"
-    config.write_text(yaml.safe_dump(run))
-    main(["profile", "--config", str(config), "--batches", "1", "--max_error", "0.3", f"--output_dir={tmp_path}"])
+    overlay = yaml.safe_load((CONFIG_DIR / "vision" / "loract.yaml").read_text())
+    loract = overlay["trainer"]["callbacks+"][0]["init_args"]
+    loract["layers"] = {"*.attn": None}  # an entry the profile must keep
+    config = tmp_path / "loract_attention_raw.yaml"
+    config.write_text(yaml.safe_dump(overlay))
+    run = [*config_arguments("vision/baseline"), "--config", str(config)]
+    main(["profile", *run, "--batches", "1", "--max_error", "0.3", f"--output_dir={tmp_path}"])
     assert not saved_config.exists(), "loract profile wrote the run's config.yaml into the working directory"
     printed = capsys.readouterr().out
     assert "layers:" in printed
@@ -120,31 +123,57 @@ def test_profile_command_writes_a_layers_block_that_loads_back(tmp_path, monkeyp
     assert next(iter(layers.items())) == ("*.attn", None)
     assert not any(name.endswith(".attn") for name in list(layers)[1:])
     # The block pasted into the LoRAct callback's init_args runs.
-    run["trainer"]["callbacks"][0]["init_args"]["layers"] = layers
-    pasted = tmp_path / "pasted.yaml"
-    pasted.write_text(yaml.safe_dump(run))
-    main(["fit", "--config", str(pasted), "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
+    loract["layers"] = layers
+    config.write_text(yaml.safe_dump(overlay))
+    main(["fit", *run, "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
+
+
+@pytest.mark.slow
+def test_profile_leaves_the_trainer_callbacks_as_they_were(tmp_path):
+    from lightning.pytorch import Callback, LightningDataModule
+    from lit_models import KnownRankModule, known_rank_loader
+
+    from loract_lightning import ActivationMemoryMonitor, LoRAct
+    from loract_lightning.profiling_trainer import ProfilingTrainer
+
+    class CountHookedSteps(Callback):
+        steps = 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.steps += 1
+
+    loract, monitor, counter = LoRAct(rank=0.25, min_bytes=0, min_rank=1), ActivationMemoryMonitor(), CountHookedSteps()
+    trainer = ProfilingTrainer(
+        callbacks=[loract, monitor, counter], max_epochs=1, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    data = LightningDataModule.from_datasets(
+        train_dataset=known_rank_loader(batches=4, batch_size=64).dataset, batch_size=64
+    )
+    layers = trainer.profile(KnownRankModule(), data, batches=2, output_dir=tmp_path)
+    assert layers and all(0 < rank <= 0.5 for rank in layers.values())
+    assert counter.steps == 2  # the profiler stopped the fit after its batches
+    assert loract.compressor is None and monitor.report.steps == 0  # they sat the run out
+    assert [c for c in trainer.callbacks if c in (loract, monitor, counter)] == [loract, monitor, counter]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--max_error", "1.5"], "--max_error must be in (0, 1), got 1.5"),
-        (["--batches", "0"], "--batches must be >= 1, got 0"),
-        ([], "--config is required"),
+        (["--max_error", "1.5"], "max_error"),
+        (["--batches", "0"], "batches"),
     ],
 )
-def test_profile_command_rejects_bad_input(arguments, message, capsys, monkeypatch):
+def test_profile_command_rejects_bad_input_before_the_run(arguments, message, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    config = [] if not arguments else ["--config", "configs/vision_loract.yaml"]
     with pytest.raises(SystemExit):
-        main(["profile", *config, *arguments])
+        main(["profile", *config_arguments("vision/loract"), *arguments])
     assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_profile_command_reports_a_run_that_does_not_train(monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
-    with pytest.raises(SystemExit, match="loract profile: the configured run failed: FileNotFoundError"):
-        main(["profile", "--config", "configs/vision_loract.yaml", f"--data.data_dir={tmp_path / 'missing'}"])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        main(["profile", *config_arguments("vision/loract"), f"--data.init_args.data_dir={tmp_path / 'missing'}"])
