@@ -180,23 +180,38 @@ def build_settings(num_layers: int, num_heads: int) -> list[Setting]:
         ),
         Setting(
             "layer",
-            "7. layer mode `checkpoint: [LlamaDecoderLayer]` (blocks only)",
-            {"checkpoint": ["LlamaDecoderLayer"], "compress_outside": False},
+            "7. layer mode `checkpoint: [LlamaDecoderLayer]` (blocks only), each block input on its own",
+            {"checkpoint": ["LlamaDecoderLayer"], "compress_outside": False, "block_deltas": False},
         ),
         Setting(
             "layer-quarter",
-            "7q. layer mode, blocks only, rank 1/4 whatever `--rank`",
-            {"checkpoint": ["LlamaDecoderLayer"], "compress_outside": False, "rank": 0.25},
+            "7q. layer mode, blocks only, rank 1/4 whatever `--rank`, each block input on its own",
+            {"checkpoint": ["LlamaDecoderLayer"], "compress_outside": False, "rank": 0.25, "block_deltas": False},
         ),
         Setting(
             "layer-power",
             "7p. layer mode, blocks only, sampled QB with one power iteration",
-            {"checkpoint": ["LlamaDecoderLayer"], "compress_outside": False, "power_iters": 1},
+            {"checkpoint": ["LlamaDecoderLayer"], "compress_outside": False, "power_iters": 1, "block_deltas": False},
         ),
         Setting(
             "layer-svd",
             "7s. layer mode, blocks only, exact truncated SVD (the best any rank-k factorization can do)",
-            {"checkpoint": ["LlamaDecoderLayer"], "compress_outside": False, "method": "truncated_svd"},
+            {
+                "checkpoint": ["LlamaDecoderLayer"],
+                "compress_outside": False,
+                "method": "truncated_svd",
+                "block_deltas": False,
+            },
+        ),
+        Setting(
+            "layer-deltas",
+            "7d. layer mode, blocks only, block inputs as deltas from the previous one (`block_deltas`, the default)",
+            {"checkpoint": ["LlamaDecoderLayer"], "compress_outside": False, "block_deltas": True},
+        ),
+        Setting(
+            "layer-deltas-quarter",
+            "7dq. layer mode, blocks only, block deltas, rank 1/4 whatever `--rank`",
+            {"checkpoint": ["LlamaDecoderLayer"], "compress_outside": False, "rank": 0.25, "block_deltas": True},
         ),
         Setting(
             "defaults",
@@ -210,7 +225,7 @@ def build_settings(num_layers: int, num_heads: int) -> list[Setting]:
             Setting(
                 f"layer-{where}",
                 f"7{where[0]}. layer mode, {where} {len(names)} blocks ({indices.start}-{indices.stop - 1})",
-                {"checkpoint": names, "compress_outside": False},
+                {"checkpoint": names, "compress_outside": False, "block_deltas": False},
             )
         )
     return settings

@@ -23,7 +23,7 @@ decoder layer; AC with the chunked loss (:func:`loract_lightning.causal_lm_loss`
 (CUDA only: on the CPU it is the uncompressed step); LoRAct default mode (the library's
 defaults); LoRAct layer mode with only the blocks' inputs compressed (``compress_outside=False``,
 the paper's layer mode); LoRAct layer mode (the default ``compress_outside=True``); and the
-LoRAct settings with the chunked loss, and layer mode at rank 1/4 with it. Every ratio is to AC
+LoRAct settings with the chunked loss, layer mode without ``block_deltas`` and at rank 1/4 with it. Every ratio is to AC
 with the ordinary loss, as users run it today.
 
     python benchmarks/peak_memory.py                       # both models, every setting, CPU
@@ -80,6 +80,10 @@ SETTINGS = {
     "default-chunked": Setting("LoRAct default + chunked loss", {}, chunked_loss=True),
     "layer-blocks-chunked": Setting("LoRAct layer, blocks only + chunked loss", BLOCKS_ONLY, chunked_loss=True),
     "layer-chunked": Setting("LoRAct layer + chunked loss", {"checkpoint": [BLOCK]}, chunked_loss=True),
+    "layer-plain-chunked": Setting(
+        "LoRAct layer without block deltas + chunked loss", {"checkpoint": [BLOCK], "block_deltas": False},
+        chunked_loss=True,
+    ),
     "layer-quarter-chunked": Setting(
         "LoRAct layer at rank 1/4 + chunked loss", {"checkpoint": [BLOCK], "rank": 0.25}, chunked_loss=True
     ),

@@ -78,7 +78,7 @@ class ActivationMemoryMonitor(StepCaptureCallback):
     def _step_stats(self):
         return (self._loract or self._capture).step_stats
 
-    def _observe(self, module_name: str, matrix: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    def _observe(self, module_name: str, matrix: torch.Tensor, left: torch.Tensor, right: torch.Tensor | None) -> None:
         """LoRAct's compressor calls this with every factorization (one extra rebuild when measuring)."""
         if self._measure_errors:
             self._step_errors.setdefault(module_name, []).append(relative_error(matrix, left, right))

@@ -30,7 +30,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from loract_lightning import policy
 from loract_lightning.checkpointing import checkpointed, checkpointed_by_others, select_modules
-from loract_lightning.linalg import METHODS, RANDOMIZED, adaptive_qb, keep_row_norms
+from loract_lightning.linalg import METHODS, RANDOMIZED, adaptive_qb, distance, keep_row_norms, row_norm_scale
 from loract_lightning.options import FACTOR_DTYPES, CompressionOptions
 from loract_lightning.packed import LowRankFactors, PackedTensor, RawTensor, StoredRegion, TwoValuedMask
 from loract_lightning.policy import Factorize, KeepRaw, ParameterIndex, SelectionPolicy, StoreMask
@@ -56,7 +56,7 @@ class _StorageRecord:
         return next((region for region in self.regions if region.covers(tensor)), None)
 
 
-Observer = Callable[[str, Tensor, Tensor, Tensor], None]
+Observer = Callable[[str, Tensor, Tensor, Tensor | None], None]
 """``observer(module_name, matrix, left, right)``: called with every factorization, see
 :attr:`ActivationCompressor.observers`."""
 
@@ -76,7 +76,9 @@ class ActivationCompressor:
     Attributes:
         observers: functions called as ``observer(module_name, matrix, left, right)`` with each
             activation that is factorized (flattened to M x N, as it was read) and its factors,
-            before they are stored; ``loract profile`` measures spectra this way and the
+            before they are stored (``right`` is None when ``left`` is the rebuilt matrix itself:
+            a block input stored as a delta, ``block_deltas``; ``linalg.relative_error`` takes
+            both forms); ``loract profile`` measures spectra this way and the
             monitor reconstruction errors. Add and remove them freely between forwards.
         policy: the :class:`~loract_lightning.policy.SelectionPolicy` that decides, per saved
             tensor, what is stored.
@@ -112,6 +114,7 @@ class ActivationCompressor:
                 stacklevel=2,
             )
         self.keep_row_norms = self.layer_mode if options.keep_row_norms is None else options.keep_row_norms
+        self.block_deltas = self.layer_mode and options.block_deltas
         self._method_options = {
             key: value
             for key, value in (("power_iters", options.power_iters), ("oversample", options.oversample))
@@ -151,9 +154,17 @@ class ActivationCompressor:
         for device, generator_state in state_dict.get("generator_states", {}).items():
             self._generator(torch.device(device)).set_state(generator_state)
 
-    def factorize(self, module_name: str, tensor: Tensor, decision: Factorize) -> LowRankFactors | None:
+    def factorize(
+        self, module_name: str, tensor: Tensor, decision: Factorize, base: tuple[LowRankFactors, Tensor] | None = None
+    ) -> tuple[LowRankFactors, Tensor | None] | None:
         """Factors of ``decision.matrix`` (``tensor`` flattened) as the decision asks; None when they
-        are not finite (a float16 projection whose rows overflow): such factors are never stored."""
+        are not finite (a float16 projection whose rows overflow): such factors are never stored.
+
+        ``base`` (``block_deltas``): the previous block input's factors and rebuilt matrix; the
+        difference from that matrix is factorized too, and stored instead where its rebuild is
+        closer to the input. Returns the factors and, when they are a delta, this block's rebuilt
+        matrix (the next block's base), else None.
+        """
         matrix, rank = decision.matrix, decision.rank
         generator = self._generator(tensor.device) if decision.auto or self.options.method in RANDOMIZED else None
         dtype = self._factor_dtype_for(matrix)
@@ -169,19 +180,36 @@ class ActivationCompressor:
         # The hook may run under autocast; the factors must keep the activation's own dtype.
         with torch.no_grad(), torch.autocast(tensor.device.type, enabled=False), self._on(side_stream):
             left, right = factorize(matrix)
-            if self.keep_row_norms:
+            rebuilt = row_scale = None
+            if base is not None:
+                # The delta only where it is the closer of the two (it is not when consecutive
+                # inputs are unrelated): never worse than the input alone, exact where that is.
+                delta_left, delta_right = factorize(matrix - base[1].to(matrix.dtype))
+                delta_rebuilt = delta_left @ delta_right + base[1]  # the operations of LowRankFactors.matrix
+                if distance(matrix, delta_rebuilt) < distance(matrix, left @ right):
+                    left, right, rebuilt = delta_left, delta_right, delta_rebuilt
+                else:
+                    base = None
+            if self.keep_row_norms and rebuilt is None:
                 left = keep_row_norms(matrix, left, right)
+            elif self.keep_row_norms:
+                row_scale = row_norm_scale(matrix, rebuilt.norm(dim=1, keepdim=True))
+                rebuilt = rebuilt * row_scale
             if not bool(torch.isfinite(left).all() & torch.isfinite(right).all()):
                 return None
+            seen = (left, right) if rebuilt is None else (rebuilt, None)
             for observer in self.observers:
-                observer(module_name, matrix, left, right)
+                observer(module_name, matrix, *seen)
             ready = side_stream.record_event() if side_stream is not None else None
         if side_stream is not None:
             # The activation (and the matrix copied from it, if any) belongs to the current stream;
             # once autograd frees it, its memory must not be reused before the side stream has
             # read it. This keeps the original alive until its factors are ready.
             matrix.record_stream(side_stream)
-        return LowRankFactors(**StoredRegion.layout_of(tensor), left=left, right=right, ready=ready)
+        layout = StoredRegion.layout_of(tensor)
+        base_factors = base[0] if base is not None else None
+        factors = LowRankFactors(**layout, left=left, right=right, ready=ready, base=base_factors, row_scale=row_scale)
+        return factors, rebuilt
 
     def _factor_dtype_for(self, matrix: Tensor) -> torch.dtype:
         """``factor_dtype`` where it is narrower than the activation's dtype, else the activation's."""
@@ -227,6 +255,8 @@ class _Forward:
         self.parameters = ParameterIndex(compressor.model)
         self.module_stack: list[str] = []
         self.records: dict[tuple[torch.device, int], _StorageRecord] = {}
+        self.last_block: tuple[LowRankFactors, Tensor] | None = None
+        """``block_deltas``: the last checkpointed block input's factors and rebuilt matrix."""
 
     def pack(self, tensor: Tensor) -> RawTensor | PackedTensor:
         """Called by autograd for every tensor it saves; returns it kept raw, or a packed form.
@@ -265,11 +295,19 @@ class _Forward:
                 **StoredRegion.layout_of(tensor), is_high=is_high, low=decision.low, high=decision.high
             )
         start = time.perf_counter()
-        factors = self.compressor.factorize(module_name, tensor, decision)
+        chained = self.compressor.block_deltas and module_name in self.policy.checkpointed_modules
+        base = self.last_block if chained else None
+        if base is not None and (base[1].shape != decision.matrix.shape or base[1].device != tensor.device):
+            base = None  # a block of another shape starts a new chain
+        result = self.compressor.factorize(module_name, tensor, decision, base)
         # On a side stream this is the time to launch the work, not to run it.
         self.stats.compress_seconds += time.perf_counter() - start
-        if factors is not None:
-            self.stats.add_factors(module_name, factors.rank)
+        if result is None:
+            return None
+        factors, rebuilt = result
+        if chained:
+            self.last_block = (factors, rebuilt if rebuilt is not None else factors.matrix())
+        self.stats.add_factors(module_name, factors.rank)
         return factors
 
     def _record(self, tensor: Tensor, module_name: str) -> _StorageRecord:

@@ -316,13 +316,20 @@ def truncated_svd(matrix: Tensor, rank: int, dtype: torch.dtype | None = None) -
     return (left[:, :rank] * singular[:rank]).to(dtype), right[:rank].to(dtype)
 
 
-def relative_error(matrix: Tensor, left: Tensor, right: Tensor) -> float:
-    """Relative Frobenius error ``||A - L R|| / ||A||`` (0.0 for a zero matrix)."""
+def relative_error(matrix: Tensor, left: Tensor, right: Tensor | None = None) -> float:
+    """Relative Frobenius error ``||A - L R|| / ||A||`` (0.0 for a zero matrix); with ``right``
+    None, ``left`` is the approximation itself."""
     work = matrix.float()
     norm = torch.linalg.matrix_norm(work)
     if norm == 0:
         return 0.0
-    return float(torch.linalg.matrix_norm(work - left.float() @ right.float()) / norm)
+    approximation = left.float() if right is None else left.float() @ right.float()
+    return float(torch.linalg.matrix_norm(work - approximation) / norm)
+
+
+def distance(matrix: Tensor, approximation: Tensor) -> float:
+    """Frobenius norm of ``matrix - approximation``, in float32."""
+    return float(torch.linalg.matrix_norm(matrix.float() - approximation.float()))
 
 
 def keep_row_norms(matrix: Tensor, left: Tensor, right: Tensor) -> Tensor:
@@ -336,9 +343,15 @@ def keep_row_norms(matrix: Tensor, left: Tensor, right: Tensor) -> Tensor:
     """
     gram = right.float() @ right.float().T  # k x k: ||L_m R||^2 = L_m G L_m^T
     rebuilt = ((left.float() @ gram) * left.float()).sum(dim=1, keepdim=True).clamp(min=0).sqrt()
+    return (left.float() * row_norm_scale(matrix, rebuilt)).to(left.dtype)
+
+
+def row_norm_scale(matrix: Tensor, rebuilt_norms: Tensor) -> Tensor:
+    """Per row of ``matrix`` (M x N): its norm over ``rebuilt_norms`` (M x 1), as float32; 1 where
+    the rebuilt row is zero."""
     target = matrix.float().norm(dim=1, keepdim=True)
-    scale = torch.where(rebuilt > 0, target / rebuilt.clamp(min=torch.finfo(torch.float32).tiny), 1.0)
-    return (left.float() * scale).to(left.dtype)
+    rebuilt_norms = rebuilt_norms.float()
+    return torch.where(rebuilt_norms > 0, target / rebuilt_norms.clamp(min=torch.finfo(torch.float32).tiny), 1.0)
 
 
 METHODS: dict[str, Factorization] = {

@@ -149,14 +149,19 @@ class StoredRegion:
 class LowRankFactors(StoredRegion):
     """``left`` (M x k) @ ``right`` (k x N) approximates the region, viewed as M x N.
 
-    The factors may be narrower than the region (``factor_dtype``): the product is cast back.
-    ``ready``: on CUDA, when the factors were computed on a side stream, the event recorded there
-    once they were done; rebuilding waits for it on the stream that rebuilds.
+    With a ``base`` (``block_deltas``: the previous block's input), the factors approximate the
+    difference from the base's rebuilt matrix, which is added back; ``row_scale`` (M x 1), when
+    set, then rescales each rebuilt row to its original norm. The factors may be narrower than
+    the region (``factor_dtype``): the product is cast back. ``ready``: on CUDA, when the factors
+    were computed on a side stream, the event recorded there once they were done; rebuilding
+    waits for it on the stream that rebuilds.
     """
 
     left: Tensor
     right: Tensor
     ready: torch.cuda.Event | None = None
+    base: LowRankFactors | None = None
+    row_scale: Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -164,17 +169,27 @@ class LowRankFactors(StoredRegion):
 
     @property
     def nbytes(self) -> int:
-        return self.left.nbytes + self.right.nbytes
+        """The bytes this region holds (a base's factors are counted by the base)."""
+        return self.left.nbytes + self.right.nbytes + (self.row_scale.nbytes if self.row_scale is not None else 0)
 
-    def dense(self) -> Tensor:
+    def matrix(self, base_matrix: Tensor | None = None) -> Tensor:
+        """The M x N approximation in the factors' dtype; ``base_matrix`` is the base's, where the
+        caller has it already (the forward), else it is rebuilt."""
         if self.ready is not None:
             stream = torch.cuda.current_stream(self.left.device)
             stream.wait_event(self.ready)
             # The factors were allocated on the side stream: once freed, their memory must not be
             # handed out again before this stream has read them.
-            self.left.record_stream(stream)
-            self.right.record_stream(stream)
-        return (self.left @ self.right).to(self.dtype).view(self.size)
+            for tensor in (self.left, self.right, self.row_scale):
+                if tensor is not None:
+                    tensor.record_stream(stream)
+        product = self.left @ self.right
+        if self.base is not None:
+            product = product + (self.base.matrix() if base_matrix is None else base_matrix)
+        return product if self.row_scale is None else product * self.row_scale
+
+    def dense(self) -> Tensor:
+        return self.matrix().to(self.dtype).view(self.size)
 
 
 @dataclass(eq=False)
