@@ -152,7 +152,9 @@ def measure(name: str, key: str, phase: str, args: argparse.Namespace) -> dict:
     setting = SETTINGS[key]
     model, batches = build_model(name, args)
     if setting.options is not None:
-        compressor = ActivationCompressor(model, CompressionOptions(**({"rank": args.rank} | setting.options)))
+        options = {"rank": args.rank} | setting.options
+        compress = options.pop("compress", True)  # AC: the engine's checkpointing, measuring only
+        compressor = ActivationCompressor(model, CompressionOptions(**options), compress=compress)
         context: Callable[[], AbstractContextManager] = compressor.capture
     elif key == "save-on-cpu":
         context = lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)  # noqa: E731
