@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from pathlib import Path
 
 import yaml
@@ -49,6 +50,8 @@ def resolved_config(name: str) -> dict:
     from loract_lightning.cli import main
 
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
+    with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit), warnings.catch_warnings():
+        # LightningCLI warns that it was given arguments beside the caller's own command line.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         main(["fit", *config_arguments(name), "--print_config"])
     return yaml.safe_load(printed.getvalue())

@@ -106,9 +106,10 @@ class CompressionOptions:
             to the input. A residual stream changes a little from block to block, so the blocks'
             factors add up to a basis that grows with depth, at the same memory (plus one float
             per row with ``keep_row_norms``): on SmolLM2 + LoRA at rank 1/8, +0.4% validation loss
-            instead of +2.0% (docs/results.md). Costs a second factorization per block input in
-            the forward, and rebuilding block l costs l products instead of one. No effect in
-            default mode; False factorizes each block input on its own.
+            instead of +2.0% (docs/results.md), at about 10% more step time: a second
+            factorization per block input in the forward; in backward, blocks rebuilt in reverse
+            order cost one product each, others one per predecessor. No effect in default mode;
+            False factorizes each block input on its own.
         max_error: ``rank="auto"``: the relative Frobenius error each activation may have, in (0, 1).
         min_rank: the fewest directions a fractional rank (``rank``, ``layers`` or ``max_rank``
             values that are floats) or ``"auto"`` gives, where the matrix allows (an int >= 1;

@@ -162,6 +162,8 @@ class LowRankFactors(StoredRegion):
     ready: torch.cuda.Event | None = None
     base: LowRankFactors | None = None
     row_scale: Tensor | None = None
+    _handed_down: Tensor | None = field(default=None, init=False, repr=False)
+    """This region's matrix, left by its successor's rebuild (see :meth:`matrix`)."""
 
     @property
     def rank(self) -> int:
@@ -172,24 +174,48 @@ class LowRankFactors(StoredRegion):
         """The bytes this region holds (a base's factors are counted by the base)."""
         return self.left.nbytes + self.right.nbytes + (self.row_scale.nbytes if self.row_scale is not None else 0)
 
-    def matrix(self, base_matrix: Tensor | None = None) -> Tensor:
-        """The M x N approximation in the factors' dtype; ``base_matrix`` is the base's, where the
-        caller has it already (the forward), else it is rebuilt."""
-        if self.ready is not None:
-            stream = torch.cuda.current_stream(self.left.device)
-            stream.wait_event(self.ready)
-            # The factors were allocated on the side stream: once freed, their memory must not be
-            # handed out again before this stream has read them.
-            for tensor in (self.left, self.right, self.row_scale):
-                if tensor is not None:
-                    tensor.record_stream(stream)
+    def matrix(self, base_matrix: Tensor | None = None, hand_down: bool = False) -> Tensor:
+        """The M x N approximation; ``base_matrix`` is the base's, where the caller has it already
+        (the forward), else it is rebuilt.
+
+        ``hand_down`` (a rebuild in backward): leave the base's matrix on the base for its own
+        rebuild, which comes next, since autograd rebuilds checkpointed blocks in reverse order.
+        Each rebuild then costs one product instead of one per predecessor.
+        """
+        self._wait_until_ready()
+        if self._handed_down is not None:
+            rebuilt, self._handed_down = self._handed_down, None
+            if hand_down and self.base is not None:
+                self.base._handed_down = self._base_matrix_from(rebuilt)
+            return rebuilt
         product = self.left @ self.right
         if self.base is not None:
-            product = product + (self.base.matrix() if base_matrix is None else base_matrix)
+            base_part = self.base.matrix() if base_matrix is None else base_matrix
+            if hand_down:
+                self.base._handed_down = base_part
+            product = product + base_part
         return product if self.row_scale is None else product * self.row_scale
 
+    def _base_matrix_from(self, rebuilt: Tensor) -> Tensor | None:
+        """The base's matrix recovered from this region's (None where a row was scaled to zero)."""
+        if self.row_scale is not None and not bool((self.row_scale > 0).all()):
+            return None
+        unscaled = rebuilt if self.row_scale is None else rebuilt / self.row_scale
+        return unscaled - self.left @ self.right
+
+    def _wait_until_ready(self) -> None:
+        if self.ready is None:
+            return
+        stream = torch.cuda.current_stream(self.left.device)
+        stream.wait_event(self.ready)
+        # The factors were allocated on the side stream: once freed, their memory must not be
+        # handed out again before this stream has read them.
+        for tensor in (self.left, self.right, self.row_scale):
+            if tensor is not None:
+                tensor.record_stream(stream)
+
     def dense(self) -> Tensor:
-        return self.matrix().to(self.dtype).view(self.size)
+        return self.matrix(hand_down=True).to(self.dtype).view(self.size)
 
 
 @dataclass(eq=False)

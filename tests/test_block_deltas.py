@@ -153,3 +153,18 @@ def test_deltas_on_a_llama_lower_the_gradient_error_of_layer_mode():
     assert stats.modules["model.layers.3"].compressed == 1
     assert relative_difference(deltas, expected) < relative_difference(plain, expected)
     assert torch.isfinite(flat_gradients(model)).all()
+
+
+def test_rebuilds_in_reverse_order_hand_each_base_its_matrix(stream):
+    model, z = stream
+    compressor = ActivationCompressor(model, CompressionOptions(**layer_mode(block_deltas=True)))
+    calls = spy_on_pack(compressor)
+    with compressor.capture():
+        model(z)
+    regions = [c["packed"].region for c in calls if isinstance(c["packed"], PackedTensor)]
+    from_scratch = [region.matrix() for region in regions]  # each rebuilt through all its bases
+    for index in reversed(range(len(regions))):  # the order autograd rebuilds checkpointed blocks in
+        torch.testing.assert_close(regions[index].dense().reshape(from_scratch[index].shape), from_scratch[index])
+        if index > 0:  # its base's matrix is waiting for the base's own rebuild: one product, not index + 1
+            assert regions[index - 1]._handed_down is not None
+    assert all(region._handed_down is None for region in regions)  # nothing is left behind
