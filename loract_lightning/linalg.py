@@ -319,12 +319,10 @@ def truncated_svd(matrix: Tensor, rank: int, dtype: torch.dtype | None = None) -
 def relative_error(matrix: Tensor, left: Tensor, right: Tensor | None = None) -> float:
     """Relative Frobenius error ``||A - L R|| / ||A||`` (0.0 for a zero matrix); with ``right``
     None, ``left`` is the approximation itself."""
-    work = matrix.float()
-    norm = torch.linalg.matrix_norm(work)
+    norm = float(torch.linalg.matrix_norm(matrix.float()))
     if norm == 0:
         return 0.0
-    approximation = left.float() if right is None else left.float() @ right.float()
-    return float(torch.linalg.matrix_norm(work - approximation) / norm)
+    return distance(matrix, left if right is None else left.float() @ right.float()) / norm
 
 
 def distance(matrix: Tensor, approximation: Tensor) -> float:

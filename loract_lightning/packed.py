@@ -174,9 +174,8 @@ class LowRankFactors(StoredRegion):
         """The bytes this region holds (a base's factors are counted by the base)."""
         return self.left.nbytes + self.right.nbytes + (self.row_scale.nbytes if self.row_scale is not None else 0)
 
-    def matrix(self, base_matrix: Tensor | None = None, hand_down: bool = False) -> Tensor:
-        """The M x N approximation; ``base_matrix`` is the base's, where the caller has it already
-        (the forward), else it is rebuilt.
+    def matrix(self, hand_down: bool = False) -> Tensor:
+        """The M x N approximation, through the base's rebuild for a delta.
 
         ``hand_down`` (a rebuild in backward): leave the base's matrix on the base for its own
         rebuild, which comes next, since autograd rebuilds checkpointed blocks in reverse order.
@@ -190,7 +189,7 @@ class LowRankFactors(StoredRegion):
             return rebuilt
         product = self.left @ self.right
         if self.base is not None:
-            base_part = self.base.matrix() if base_matrix is None else base_matrix
+            base_part = self.base.matrix()
             if hand_down:
                 self.base._handed_down = base_part
             product = product + base_part
