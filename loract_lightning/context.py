@@ -32,7 +32,14 @@ from loract_lightning import policy
 from loract_lightning.checkpointing import checkpointed, checkpointed_by_others, select_modules
 from loract_lightning.linalg import METHODS, RANDOMIZED, adaptive_qb, distance, keep_row_norms, row_norm_scale
 from loract_lightning.options import FACTOR_DTYPES, CompressionOptions
-from loract_lightning.packed import LowRankFactors, PackedTensor, RawTensor, StoredRegion, TwoValuedMask
+from loract_lightning.packed import (
+    LowRankFactors,
+    PackedTensor,
+    RawTensor,
+    StoredRegion,
+    TwoValuedMask,
+    low_rank_product,
+)
 from loract_lightning.policy import Factorize, KeepRaw, ParameterIndex, SelectionPolicy, StoreMask
 from loract_lightning.stats import CompressionStats
 
@@ -185,7 +192,7 @@ class ActivationCompressor:
                 # The delta only where it is the closer of the two (it is not when consecutive
                 # inputs are unrelated): never worse than the input alone, exact where that is.
                 delta_left, delta_right = factorize(matrix - base[1].to(matrix.dtype))
-                delta_rebuilt = delta_left @ delta_right + base[1]  # the operations of LowRankFactors.matrix
+                delta_rebuilt = low_rank_product(delta_left, delta_right, base[1])
                 if distance(matrix, delta_rebuilt) < distance(matrix, left @ right):
                     left, right, rebuilt = delta_left, delta_right, delta_rebuilt
                 else:

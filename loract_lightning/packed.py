@@ -187,13 +187,12 @@ class LowRankFactors(StoredRegion):
             if hand_down and self.base is not None:
                 self.base._handed_down = self._base_matrix_from(rebuilt)
             return rebuilt
-        product = self.left @ self.right
+        base_matrix = None
         if self.base is not None:
-            base_part = self.base.matrix()
+            base_matrix = self.base.matrix()
             if hand_down:
-                self.base._handed_down = base_part
-            product = product + base_part
-        return product if self.row_scale is None else product * self.row_scale
+                self.base._handed_down = base_matrix
+        return low_rank_product(self.left, self.right, base_matrix, self.row_scale)
 
     def _base_matrix_from(self, rebuilt: Tensor) -> Tensor | None:
         """The base's matrix recovered from this region's (None where a row was scaled to zero)."""
@@ -256,6 +255,17 @@ class PackedTensor:
             offset = self.storage_offset - self.region.storage_offset
             rebuilt = rebuilt.view(-1).as_strided(self.size, self.stride, offset)
         return rebuilt
+
+
+def low_rank_product(
+    left: Tensor, right: Tensor, base_matrix: Tensor | None = None, row_scale: Tensor | None = None
+) -> Tensor:
+    """``left @ right``, plus ``base_matrix`` for a delta, each row times ``row_scale`` when given:
+    what :class:`LowRankFactors` rebuilds, and what the compressor compares before storing a delta."""
+    product = left @ right
+    if base_matrix is not None:
+        product = product + base_matrix
+    return product if row_scale is None else product * row_scale
 
 
 def view_extent(tensor: Tensor) -> tuple[int, int]:
