@@ -29,7 +29,7 @@ class DigitsDataModule(pl.LightningDataModule):
     """
 
     def __init__(
-        self, data_dir: str | None = None, img_size: int = 32, batch_size: int = 64, test_fraction: float = 0.2
+        self, data_dir: str | None = None, img_size: int = 16, batch_size: int = 64, test_fraction: float = 0.2
     ) -> None:
         super().__init__()
         if not 0.0 < test_fraction < 1.0:
@@ -100,7 +100,7 @@ class ImageClassifier(pl.LightningModule):
         self,
         model_name: str = "vit_tiny_patch16_224",
         pretrained: bool = False,
-        img_size: int = 32,
+        img_size: int = 16,
         patch_size: int | None = 4,
         num_classes: int = 10,
         lr: float = 1e-3,
