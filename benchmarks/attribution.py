@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import gradients
 from loract_lightning import ActivationCompressor, CompressionOptions, CompressionStats, policy
 from loract_lightning.linalg import relative_error
 from loract_lightning.packed import PackedTensor
@@ -363,15 +364,6 @@ def gradient(model: nn.Module, params, ids: Tensor, seed: int, compressor) -> tu
     return parts, stats
 
 
-def rel_error(g: Tensor, g0: Tensor) -> float:
-    norm = float(g0.norm())
-    return float((g - g0).norm()) / norm if norm > 0 else math.nan
-
-
-def cosine(g: Tensor, g0: Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(g.double(), g0.double(), dim=0))
-
-
 def adamw(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for _, p in params], lr=3e-4)
 
@@ -492,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
         references.append(g0)
         ref_stats.append(stats)
     again, _ = gradient(model, params, grad_batches[0], 1000, None)
-    repeat_error = rel_error(again["all"], references[0]["all"])
+    repeat_error = gradients.relative_error(again["all"], references[0]["all"])
     uncompressed = ref_stats[0].saved_bytes
     print(
         f"# warm-up + reference: {time.perf_counter() - tic:.0f} s; uncompressed forward saves "
@@ -515,8 +507,8 @@ def main(argv: list[str] | None = None) -> None:
             memories.append(recorder.take())
             stats_list.append(stats)
             for part in errors:
-                errors[part].append(rel_error(g[part], references[b][part]))
-            cosines.append(cosine(g["all"], references[b]["all"]))
+                errors[part].append(gradients.relative_error(g[part], references[b][part]))
+            cosines.append(gradients.cosine(g["all"], references[b]["all"]))
         stats: CompressionStats = stats_list[0]
         memory = memories[0]
         row = {

@@ -21,7 +21,6 @@ padded). Per ``BertLayer`` it prints:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import statistics
 import sys
@@ -32,10 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import gradients
 from examples.text_classification import RottenTomatoesDataModule, TextClassifier
-from loract_lightning import ActivationCompressor, CompressionOptions
+from loract_lightning import ActivationCompressor, CompressionOptions, linalg
 from loract_lightning.cli import silence_known_warnings
-from loract_lightning.linalg import relative_error
 
 BLOCK = "BertLayer"
 
@@ -62,22 +61,20 @@ def main() -> None:
     ids, masks, labels = data.splits["train"].tensors
     batches = [(ids[i : i + 16], masks[i : i + 16], labels[i : i + 16]) for i in range(0, 160 * args.batches, 160)]
 
-    def lora_gradient(batch: tuple[Tensor, ...], options: dict | None, observed: dict) -> Tensor:
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)  # the same dropout masks in every run
+    def lora_gradient(batch: tuple[Tensor, ...], options: dict | None, observed: dict | None = None) -> Tensor:
         compressor = ActivationCompressor(model, CompressionOptions(**options)) if options else None
-        if compressor is not None:
+        if observed is not None:
             compressor.observers.append(
                 lambda name, matrix, left, right: observed.setdefault(name, []).append(
-                    float(relative_error(matrix, left, right))
+                    float(linalg.relative_error(matrix, left, right))
                 )
             )
-        with compressor.capture() if compressor else contextlib.nullcontext():
-            loss = F.cross_entropy(model(batch[0], batch[1]), batch[2])
-        loss.backward()
-        return torch.cat(
-            [p.grad.flatten() for name, p in model.named_parameters() if "lora" in name and p.grad is not None]
-        )
+
+        def loss() -> Tensor:
+            return F.cross_entropy(model(batch[0], batch[1]), batch[2])
+
+        lora, _ = gradients.flat_gradient(model, loss, compressor, keep=lambda name: "lora" in name)
+        return lora
 
     # min_bytes 0: a short batch's block inputs (under 1 MiB) would otherwise stay raw.
     layer_mode = {"rank": 0.125, "checkpoint": [BLOCK], "min_bytes": 0}
@@ -101,19 +98,19 @@ def main() -> None:
         for name, module in model.named_modules()
         if name in blocks
     ]
-    references = [lora_gradient(batches[0], None, {})]
+    references = [lora_gradient(batches[0], None)]
     for handle in handles:
         handle.remove()
-    references += [lora_gradient(batch, None, {}) for batch in batches[1:]]
+    references += [lora_gradient(batch, None) for batch in batches[1:]]
     stored_errors: dict[str, list[float]] = {}
     gradient = {}
     for label, options in settings.items():
         errors, cosines = [], []
         for batch, reference in zip(batches, references, strict=True):
-            observed = stored_errors if label == "every block (the defaults)" else {}
+            observed = stored_errors if label == "every block (the defaults)" else None
             compressed = lora_gradient(batch, options, observed)
-            errors.append(float((compressed - reference).norm() / reference.norm()))
-            cosines.append(float(F.cosine_similarity(compressed, reference, dim=0)))
+            errors.append(gradients.relative_error(compressed, reference))
+            cosines.append(gradients.cosine(compressed, reference))
         gradient[label] = (statistics.mean(errors), statistics.mean(cosines))
 
     real_tokens = batches[0][1].flatten().bool()

@@ -9,7 +9,6 @@ with the paper's plain projection and with ``keep_row_norms``. Prints a markdown
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gradients import flat_gradient, relative_error
 from examples.text_classification import DrugReviewsDataModule, TextClassifier
 from loract_lightning import ActivationCompressor, CompressionOptions
 from loract_lightning.cli import silence_known_warnings
@@ -45,14 +45,8 @@ def main() -> None:
     ids, mask, labels = (t[:16] for t in data.splits["train"].tensors)
 
     def gradients(**options):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)  # the same dropout masks in every run
         compressor = ActivationCompressor(model, CompressionOptions(**options)) if options else None
-        with compressor.capture() if compressor else contextlib.nullcontext() as stats:
-            loss = F.cross_entropy(model(ids, mask), labels)
-        loss.backward()
-        flat = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        return flat, stats
+        return flat_gradient(model, lambda: F.cross_entropy(model(ids, mask), labels), compressor)
 
     reference, _ = gradients()
     columns = ["setting (rank 1/8 unless said)", "gradient rel. error, plain projection", "with `keep_row_norms`"]
@@ -62,7 +56,7 @@ def main() -> None:
         errors = []
         for keep in (False, True):
             flat, stats = gradients(keep_row_norms=keep, **options)
-            errors.append(float((flat - reference).norm() / reference.norm()))
+            errors.append(relative_error(flat, reference))
         print(f"| {label} | {errors[0]:.3f} | {errors[1]:.3f} | {stats.ratio:.3f} |", flush=True)
 
 

@@ -29,7 +29,7 @@ class DigitsDataModule(pl.LightningDataModule):
     """
 
     def __init__(
-        self, data_dir: str | None = None, img_size: int = 16, batch_size: int = 64, test_fraction: float = 0.2
+        self, data_dir: str | None = None, img_size: int = 16, batch_size: int = 128, test_fraction: float = 0.2
     ) -> None:
         super().__init__()
         if not 0.0 < test_fraction < 1.0:
