@@ -54,39 +54,44 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     transformers loads a GGUF dequantized, but flags the model as quantized and ``save_pretrained``
     refuses it, so the weights move into a plain ``LlamaForCausalLM`` built from the same config
     minus ``quantization_config``. The saved folder is reloaded and its logits compared with the
-    GGUF-loaded model's, so a config field lost on the way fails here and not in training.
+    GGUF-loaded model's, so a config field lost on the way fails here and not in training. The
+    global random state is left as it was.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    config = loaded.config.to_dict()
-    if config.get("model_type") != "llama":
-        raise ValueError(f"{gguf_path} holds a {config.get('model_type')!r} model; convert_gguf handles llama only")
-    # Provenance keys of the GGUF load, not model settings; save_pretrained writes architectures itself.
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures", "transformers_version"):
-        config.pop(key, None)
-    plain = LlamaForCausalLM(LlamaConfig(**config)).eval()
-    plain.load_state_dict(loaded.state_dict())
-    plain.generation_config = loaded.generation_config
-    if tokenizer.model_max_length > config["max_position_embeddings"]:  # GGUF tokenizers come unbounded
-        tokenizer.model_max_length = config["max_position_embeddings"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plain.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    del plain
+    # Building the plain model draws its random initial weights; without the fork a first run
+    # (which converts) would start training from other random numbers than a later one.
+    with torch.random.fork_rng(devices=[]):
+        gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+        folder, name = str(gguf_path.parent), gguf_path.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        config = loaded.config.to_dict()
+        if config.get("model_type") != "llama":
+            raise ValueError(f"{gguf_path} holds a {config.get('model_type')!r} model; convert_gguf handles llama only")
+        # Provenance keys of the GGUF load, not model settings; save_pretrained writes architectures itself.
+        provenance = ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures")
+        for key in (*provenance, "transformers_version"):
+            config.pop(key, None)
+        plain = LlamaForCausalLM(LlamaConfig(**config)).eval()
+        plain.load_state_dict(loaded.state_dict())
+        plain.generation_config = loaded.generation_config
+        if tokenizer.model_max_length > config["max_position_embeddings"]:  # GGUF tokenizers come unbounded
+            tokenizer.model_max_length = config["max_position_embeddings"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plain.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        del plain
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
-    ids = torch.arange(min(16, config["vocab_size"])).unsqueeze(0)
-    with torch.no_grad():
-        expected, actual = loaded(ids).logits, reloaded(ids).logits
-    if not torch.allclose(expected, actual, rtol=1e-5, atol=1e-5):
-        raise RuntimeError(
-            f"converted {gguf_path} to {out_dir}, but its logits differ from the GGUF's by "
-            f"{(expected - actual).abs().max().item():.3g}"
-        )
+        reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+        ids = torch.arange(min(16, config["vocab_size"])).unsqueeze(0)
+        with torch.no_grad():
+            expected, actual = loaded(ids).logits, reloaded(ids).logits
+        if not torch.allclose(expected, actual, rtol=1e-5, atol=1e-5):
+            raise RuntimeError(
+                f"converted {gguf_path} to {out_dir}, but its logits differ from the GGUF's by "
+                f"{(expected - actual).abs().max().item():.3g}"
+            )
     return out_dir
 
 

@@ -86,8 +86,12 @@ def test_convert_gguf_keeps_logits_and_tokenizer(tmp_path):
     pytest.importorskip("accelerate")
     gguf_path = tmp_path / "tiny.gguf"
     write_tiny_llama_gguf(gguf_path)
+    torch.manual_seed(0)
+    random_state = torch.get_rng_state()
 
     out = convert_gguf(gguf_path, tmp_path / "plain")
+
+    assert torch.equal(torch.get_rng_state(), random_state)  # a first (converting) run trains as a later one
 
     assert (out / "model.safetensors").is_file()
     config = json.loads((out / "config.json").read_text())
