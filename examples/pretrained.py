@@ -70,8 +70,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         if config.get("model_type") != "llama":
             raise ValueError(f"{gguf_path} holds a {config.get('model_type')!r} model; convert_gguf handles llama only")
         # Provenance keys of the GGUF load, not model settings; save_pretrained writes architectures itself.
-        provenance = ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures")
-        for key in (*provenance, "transformers_version"):
+        for key in (
+            "quantization_config",
+            "_name_or_path",
+            "_model_name_or_path",
+            "architectures",
+            "transformers_version",
+        ):
             config.pop(key, None)
         plain = LlamaForCausalLM(LlamaConfig(**config)).eval()
         plain.load_state_dict(loaded.state_dict())
