@@ -40,7 +40,8 @@ from loract_lightning.packed import (
     TwoValuedMask,
     low_rank_product,
 )
-from loract_lightning.policy import Factorize, KeepRaw, ParameterIndex, SelectionPolicy, StoreMask
+from loract_lightning.parameters import ParameterIndex
+from loract_lightning.policy import Factorize, KeepRaw, SelectionPolicy, StoreMask
 from loract_lightning.stats import CompressionStats
 
 
@@ -146,7 +147,7 @@ class ActivationCompressor:
             return
         forward = self._start_forward()
         hooks = torch.autograd.graph.saved_tensors_hooks(forward.pack, _unpack)
-        with forward.tracking_modules(), checkpointed(self._modules_to_wrap), hooks:
+        with forward.tracking_modules(), checkpointed(self._modules_to_wrap), hooks, forward.parameters.tracking():
             yield forward.stats
 
     def _start_forward(self) -> _Forward:

@@ -2,9 +2,10 @@
 
 :class:`SelectionPolicy` answers the pack hook's question for every saved tensor, in two steps:
 
-- :meth:`~SelectionPolicy.not_an_activation`: parameters, buffers (in whatever form autograd
-  saves them, see :class:`ParameterIndex`), tensors saved during backward and tensor subclasses
-  are not activations: they stay raw and are not counted as saved;
+- :meth:`~SelectionPolicy.not_an_activation`: parameters, buffers and what is computed from
+  them alone (in whatever form autograd saves them, see
+  :class:`~loract_lightning.parameters.ParameterIndex`), tensors saved during backward and
+  tensor subclasses are not activations: they stay raw and are not counted as saved;
 - :meth:`~SelectionPolicy.decide`: for an activation, a single :data:`Decision`:
   :class:`KeepRaw` (with the reason the stats count), :class:`StoreMask` (two-valued, stored
   exactly) or :class:`Factorize` (at rank k).
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from loract_lightning.options import AUTO, LINEAR_LAYERS, CompressionOptions, RankSpec
+from loract_lightning.parameters import ParameterIndex
 
 __all__ = ["AUTO", "LINEAR_LAYERS", "RankSpec"]  # re-exported: the rank specs this module resolves
 
@@ -139,78 +141,6 @@ class RankPolicy:
             )
 
 
-class ParameterIndex:
-    """Recognises parameters and buffers of a model in whatever form autograd saves them.
-
-    Autograd rarely saves the Parameter object itself: ``F.linear`` saves ``weight.t()``, and
-    under autocast it saves a half-precision copy of the weight (a new storage). So a tensor is
-    parameter-like when it shares storage with a parameter/buffer, when its autograd history is
-    a chain of casts/views from a leaf that requires grad, or, for frozen weights cast by
-    autocast (no history at all), when its shape and a few values match a parameter.
-    """
-
-    _HISTORY_DEPTH = 4
-    # Autograd nodes that only cast or re-view their single input.
-    _CAST_OR_VIEW = frozenset(
-        {
-            "ToCopyBackward",
-            "TBackward",
-            "TransposeBackward",
-            "PermuteBackward",
-            "ViewBackward",
-            "UnsafeViewBackward",
-            "AliasBackward",
-            "ExpandBackward",
-            "SplitBackward",
-            "SplitWithSizesBackward",  # FSDP1 views each unsharded weight out of one flat parameter
-            "SqueezeBackward",
-            "UnsqueezeBackward",
-        }
-    )
-
-    def __init__(self, model: nn.Module) -> None:
-        # A sharded (DTensor) parameter has no storage of its own: its local shard has. The
-        # unsharded copy that the forward saves is recognised by its history instead.
-        tensors = [getattr(t, "_local_tensor", t) for t in [*model.parameters(), *model.buffers()]]
-        self._storages = {t.untyped_storage().data_ptr() for t in tensors if t.numel() > 0}
-        self._by_shape: dict[tuple[int, ...], list[Tensor]] = {}
-        for tensor in tensors:
-            if tensor.ndim >= 2 and tensor.is_floating_point():
-                self._by_shape.setdefault(tuple(tensor.shape), []).append(tensor)
-
-    def __contains__(self, tensor: Tensor) -> bool:
-        if tensor.untyped_storage().data_ptr() in self._storages:
-            return True
-        if tensor.grad_fn is not None:
-            return self._history_reaches_leaf(tensor)
-        return tensor.ndim >= 2 and self._is_cast_copy(tensor)
-
-    def _history_reaches_leaf(self, tensor: Tensor) -> bool:
-        node = tensor.grad_fn
-        for _ in range(self._HISTORY_DEPTH):
-            if type(node).__name__.rstrip("0123456789") not in self._CAST_OR_VIEW:
-                return False
-            inputs = [fn for fn, _ in node.next_functions if fn is not None]
-            if len(inputs) != 1:
-                return False
-            node = inputs[0]
-            if hasattr(node, "variable"):  # AccumulateGrad: the chain started at a leaf parameter
-                return True
-        return False
-
-    def _is_cast_copy(self, tensor: Tensor) -> bool:
-        """Whether ``tensor`` has the shape of a parameter (of any rank: conv weights are 4-D) and
-        the same leading values, or is the transpose of a 2-D one (``F.linear`` saves ``weight.t()``)."""
-        for param in self._by_shape.get(tuple(tensor.shape), []):
-            if torch.equal(_head(tensor), _head(param).to(tensor.dtype)):
-                return True
-        if tensor.ndim == 2:
-            for param in self._by_shape.get(tuple(tensor.shape[::-1]), []):
-                if torch.equal(_head(tensor.T), _head(param).to(tensor.dtype)):
-                    return True
-        return False
-
-
 class SelectionPolicy:
     """Decides, for each tensor autograd saves, whether it is kept raw, stored as a mask or factorized.
 
@@ -305,11 +235,6 @@ class SelectionPolicy:
         # Up to max_rank, and below the rank at which the factors would hold as much as the tensor.
         largest = resolve_rank(self.options.max_rank, num_rows, num_cols, self.options.min_rank)
         return min(largest, (num_rows * num_cols - 1) // (num_rows + num_cols))
-
-
-def _head(tensor: Tensor, rows: int = 2, cols: int = 8) -> Tensor:
-    """A few leading values: the first ``rows`` x ``cols`` corner of the last two dimensions."""
-    return tensor[(0,) * (tensor.ndim - 2)][:rows, :cols]
 
 
 def structural_reason(tensor: Tensor, min_bytes: int, min_width: int = 0) -> str | None:

@@ -1,0 +1,202 @@
+"""What is not an activation: parameters, buffers and everything computed from them alone.
+
+An activation depends on the model's input; a weight does not. LoRAct factorizes activations
+only, so the pack hook asks :class:`ParameterIndex` whether a saved tensor is parameter-like:
+
+- it shares storage with a parameter or buffer (``F.linear`` saves ``weight.t()``, a view);
+- it was computed, during this forward, from parameters and buffers alone: weight norm,
+  spectral norm, pruning masks, a merged LoRA weight ``W + B @ A``, a fused qkv weight built by
+  ``torch.cat``, MAML fast weights through ``functional_call``. :meth:`ParameterIndex.tracking`
+  watches every torch function call of the forward (a ``TorchFunctionMode``) and marks the
+  outputs of calls whose tensor inputs are all parameter-like;
+- it is an autocast copy of one of those (a new storage made inside the dispatcher, where the
+  mode cannot see it): a chain of casts and views leads back to a parameter or to a marked
+  tensor, or, for frozen weights (no history at all), its shape and leading values match a
+  parameter.
+
+Marking errs on the safe side: a tensor wrongly taken for parameter-like is only kept raw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
+
+
+def owns_storage(tensor: Tensor) -> bool:
+    """Whether ``tensor`` has a plain storage of its own to read (not a wrapper subclass such as
+    DTensor or a torchao quantized weight, whose ``data_ptr`` is not to be touched)."""
+    return type(tensor).__torch_dispatch__ is Tensor.__torch_dispatch__ and tensor.layout == torch.strided
+
+
+class ParameterIndex:
+    """Recognises the parameters and buffers of ``model``, and tensors computed from them alone,
+    in whatever form autograd saves them (see the module docstring)."""
+
+    _HISTORY_DEPTH = 4
+    # Autograd nodes that only cast or re-view their single input.
+    _CAST_OR_VIEW = frozenset(
+        {
+            "ToCopyBackward",
+            "TBackward",
+            "TransposeBackward",
+            "PermuteBackward",
+            "ViewBackward",
+            "UnsafeViewBackward",
+            "AliasBackward",
+            "ExpandBackward",
+            "SplitBackward",
+            "SplitWithSizesBackward",  # FSDP1 views each unsharded weight out of one flat parameter
+            "SqueezeBackward",
+            "UnsqueezeBackward",
+        }
+    )
+
+    def __init__(self, model: nn.Module) -> None:
+        tensors = [*model.parameters(), *model.buffers()]
+        self._ids = {id(t) for t in tensors}
+        # A sharded (DTensor) parameter has no storage of its own: its local shard has. The
+        # unsharded copy that the forward saves is recognised by its history instead.
+        plain = [t for t in (getattr(t, "_local_tensor", t) for t in tensors) if owns_storage(t)]
+        self._storages = {t.untyped_storage().data_ptr() for t in plain if t.numel() > 0}
+        self._by_shape: dict[tuple[int, ...], list[Tensor]] = {}
+        for tensor in plain:
+            if tensor.ndim >= 2 and tensor.is_floating_point():
+                self._by_shape.setdefault(tuple(tensor.shape), []).append(tensor)
+        self._derived: dict[int, StorageWeakRef] = {}
+        """Storages computed from parameters alone in this forward, by address."""
+        self._derived_nodes: set[object] = set()
+        """Their autograd nodes (held, so that a cast's ``next_functions`` returns the same object)."""
+
+    def __contains__(self, tensor: Tensor) -> bool:
+        """Whether the saved ``tensor`` is parameter-like (never an activation)."""
+        if self.holds(tensor):
+            return True
+        if tensor.grad_fn is not None:
+            return self._history_reaches_parameter(tensor)
+        return tensor.ndim >= 2 and self._is_cast_copy(tensor)
+
+    def holds(self, tensor: Tensor) -> bool:
+        """Cheap check (no values read): a parameter or buffer, a view of one, or a tensor marked
+        as computed from them."""
+        if id(tensor) in self._ids:
+            return True
+        if not owns_storage(tensor):
+            return False
+        address = tensor.untyped_storage().data_ptr()
+        if address in self._storages:
+            return True
+        ref = self._derived.get(address)
+        if ref is not None and ref.expired():  # freed; the address may now hold an activation
+            del self._derived[address]
+            return False
+        return ref is not None
+
+    def mark(self, tensor: Tensor) -> None:
+        """Record ``tensor`` as computed from parameters and buffers alone."""
+        if not owns_storage(tensor) or tensor.numel() == 0:
+            return
+        storage = tensor.untyped_storage()
+        self._derived[storage.data_ptr()] = StorageWeakRef(storage)
+        if tensor.grad_fn is not None:
+            self._derived_nodes.add(tensor.grad_fn)
+
+    @contextmanager
+    def tracking(self) -> Iterator[None]:
+        """Mark, inside the block, what torch calls compute from parameters and buffers alone."""
+        with _DerivedFromParameters(self):
+            yield
+
+    def _history_reaches_parameter(self, tensor: Tensor) -> bool:
+        """A chain of casts/views leads from ``tensor`` to a leaf parameter or a marked tensor."""
+        node = tensor.grad_fn
+        for _ in range(self._HISTORY_DEPTH):
+            if node in self._derived_nodes:
+                return True
+            if type(node).__name__.rstrip("0123456789") not in self._CAST_OR_VIEW:
+                return False
+            inputs = [fn for fn, _ in node.next_functions if fn is not None]
+            if len(inputs) != 1:
+                return False
+            node = inputs[0]
+            if hasattr(node, "variable"):  # AccumulateGrad: the chain started at a leaf parameter
+                return True
+        return node in self._derived_nodes
+
+    def _is_cast_copy(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` has the shape of a parameter (of any rank: conv weights are 4-D) and
+        the same leading values, or is the transpose of a 2-D one (``F.linear`` saves ``weight.t()``)."""
+        for param in self._by_shape.get(tuple(tensor.shape), []):
+            if torch.equal(_head(tensor), _head(param).to(tensor.dtype)):
+                return True
+        if tensor.ndim == 2:
+            for param in self._by_shape.get(tuple(tensor.shape[::-1]), []):
+                if torch.equal(_head(tensor.T), _head(param).to(tensor.dtype)):
+                    return True
+        return False
+
+
+class _DerivedFromParameters(TorchFunctionMode):
+    """Marks the tensor outputs of every torch call whose tensor inputs are all parameter-like.
+
+    A call with no tensor input (``torch.arange``, ``torch.randn``: a generator's noise input)
+    marks nothing: what it makes depends on the batch's shape, not only on the weights.
+    """
+
+    def __init__(self, index: ParameterIndex) -> None:
+        super().__init__()
+        self.index = index
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _TAKES_WEIGHT:
+            # Whatever a linear or conv layer is given as its weight is a weight, even when it was
+            # computed from the input too (MAML's fast weights): never an activation to factorize.
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if isinstance(weight, Tensor):
+                self.index.mark(weight)
+        result = func(*args, **kwargs)
+        outputs = _tensors_in(result)
+        if outputs:  # most calls (sizes, dtypes, ...) return no tensor: nothing to look at
+            inputs = _tensors_in(args) + _tensors_in(kwargs)
+            if inputs and all(self.index.holds(tensor) for tensor in inputs):
+                for tensor in outputs:
+                    self.index.mark(tensor)
+        return result
+
+
+_TAKES_WEIGHT = frozenset(
+    {
+        F.linear,
+        F.bilinear,
+        F.conv1d,
+        F.conv2d,
+        F.conv3d,
+        F.conv_transpose1d,
+        F.conv_transpose2d,
+        F.conv_transpose3d,
+    }
+)
+"""Functions whose second argument (or ``weight``) is a layer's weight."""
+
+
+def _tensors_in(value: object) -> list[Tensor]:
+    """The tensors in ``value``, looking into tuples, lists and dicts (``torch.cat``'s list)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [tensor for item in value for tensor in _tensors_in(item)]
+    if isinstance(value, dict):
+        return [tensor for item in value.values() for tensor in _tensors_in(item)]
+    return []
+
+
+def _head(tensor: Tensor, rows: int = 2, cols: int = 8) -> Tensor:
+    """A few leading values: the first ``rows`` x ``cols`` corner of the last two dimensions."""
+    return tensor[(0,) * (tensor.ndim - 2)][:rows, :cols]
