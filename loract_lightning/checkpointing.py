@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -62,6 +63,7 @@ def select_modules(model: nn.Module, targets: Sequence[str]) -> tuple[dict[str, 
         raise ValueError(
             f"checkpoint target(s) {targets} run under the gradient checkpointing of {sorted(set(looping))[:2]}, "
             "which checkpoints its layers from its own forward; call model.gradient_checkpointing_disable() "
+            "(timm: model.set_grad_checkpointing(False)) "
             "and let LoRAct's layer mode checkpoint them"
         )
     if existing:
@@ -94,10 +96,15 @@ def _checkpointing_ancestor(model: nn.Module, name: str) -> str | None:
             module = module.get_submodule(parts[depth - 1])
         if _checkpoints_its_own_forward(module):
             return ".".join(parts[:depth])
-        # Older transformers: the model's flag makes its forward loop checkpoint each layer.
-        if getattr(module, "gradient_checkpointing", False) and not own_layers:
+        # Older transformers (and timm): the model's flag makes its forward loop checkpoint each layer.
+        if (getattr(module, "gradient_checkpointing", False) and not own_layers) or _timm_checkpoints(module):
             return ".".join(parts[:depth])
     return None
+
+
+def _timm_checkpoints(module: nn.Module) -> bool:
+    """A timm model under ``set_grad_checkpointing()``: its forward checkpoints its blocks."""
+    return bool(getattr(module, "grad_checkpointing", False)) and hasattr(module, "set_grad_checkpointing")
 
 
 def _is_transformers_layer(module: nn.Module) -> bool:
@@ -121,12 +128,17 @@ def without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """``args`` and ``kwargs`` with the KV cache off: a recompute would write its keys and values a
     second time (keys doubled in backward).
 
-    Raises a ValueError for a cache that already holds states (a prefix): the checkpointed
+    A cache is a transformers ``Cache`` (in any argument) or, under one of :data:`CACHE_ARGUMENTS`,
+    a non-empty legacy tuple/list of keys and values; a tensor never is one (a tensor argument
+    named ``cache`` is an input), and an empty tuple/list holds no states: both are left as they
+    are. Raises a ValueError for a cache that already holds states (a prefix): the checkpointed
     module reads them, and dropping them would change its output.
     """
     args = tuple(_no_cache(value, f"argument {i}") if _is_cache(value) else value for i, value in enumerate(args))
     kwargs = {
-        key: _no_cache(value, key) if value is not None and (key in CACHE_ARGUMENTS or _is_cache(value)) else value
+        key: _no_cache(value, key)
+        if _is_cache(value) or (key in CACHE_ARGUMENTS and isinstance(value, (tuple, list)) and len(value) > 0)
+        else value
         for key, value in kwargs.items()
     }
     if kwargs.get("use_cache"):
@@ -139,23 +151,31 @@ def _is_cache(value: object) -> bool:
 
 
 def _no_cache(cache: object, where: str) -> None:
+    """None for a transformers ``Cache`` that holds no states; a ValueError for one that does, and
+    for a (non-empty) legacy tuple/list cache."""
     length = cache.get_seq_length() if _is_cache(cache) else None
-    if length != 0:
-        raise ValueError(
-            f"layer mode cannot checkpoint a module that reads a KV cache holding states ({where}, "
-            f"length {length}): its recompute in backward would see a different cache. Train without a "
-            "prefilled cache, or leave this module out of `checkpoint`."
-        )
-    return None
+    if length == 0:
+        return None
+    holds = f"length {length}" if length is not None else f"a non-empty legacy {type(cache).__name__}"
+    raise ValueError(
+        f"layer mode cannot checkpoint a module that reads a KV cache holding states ({where}, "
+        f"{holds}): its recompute in backward would see a different cache. Train without a "
+        "prefilled cache, or leave this module out of `checkpoint`."
+    )
 
 
 @contextmanager
-def checkpointed(modules: Mapping[str, nn.Module]) -> Iterator[None]:
-    """Run each of ``modules`` through non-reentrant activation checkpointing inside the block."""
+def checkpointed(modules: Mapping[str, nn.Module], hook: Callable[[Tensor], object]) -> Iterator[None]:
+    """Run each of ``modules`` through non-reentrant activation checkpointing inside the block.
+
+    ``hook`` is the pack hook that saves the inputs: where another saved-tensor hook is the
+    innermost at call time (an enclosing checkpoint, the user's own or the outer recompute of one,
+    or ``save_on_cpu``), the module runs as it is, so that forward and recompute do the same thing.
+    """
     originals = {name: module.__dict__.get("forward") for name, module in modules.items()}
     try:
-        for module in modules.values():
-            module.forward = _checkpointed_forward(module.forward)
+        for name, module in modules.items():
+            module.forward = _checkpointed_forward(module, name, module.forward, hook)
         yield
     finally:
         for name, module in modules.items():
@@ -165,8 +185,12 @@ def checkpointed(modules: Mapping[str, nn.Module]) -> Iterator[None]:
                 module.forward = originals[name]
 
 
-def _checkpointed_forward(forward):
+def _checkpointed_forward(module: nn.Module, name: str, forward, hook):
     def run(*args, **kwargs):
+        innermost = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if innermost is None or innermost[0] is not hook:
+            _warn_enclosed(name)
+            return forward(*args, **kwargs)
         # Tensor keyword arguments are moved into the positional ones: checkpoint saves only
         # positional tensors through saved-tensor hooks (keyword ones it keeps by reference).
         args, kwargs = without_cache(args, kwargs)
@@ -176,8 +200,39 @@ def _checkpointed_forward(forward):
 
         def call(*flat_args):
             tensor_kwargs = dict(zip(tensor_keys, flat_args[num_args:], strict=True))
-            return forward(*flat_args[:num_args], **tensor_kwargs, **other_kwargs)
+            with buffers_kept_in_recompute(module):
+                return forward(*flat_args[:num_args], **tensor_kwargs, **other_kwargs)
 
         return checkpoint(call, *args, *(kwargs[key] for key in tensor_keys), use_reentrant=False)
 
     return run
+
+
+@contextmanager
+def buffers_kept_in_recompute(module: nn.Module) -> Iterator[None]:
+    """In backward's recompute of ``module``, put its buffers back as the forward left them.
+
+    The recompute runs the module in train mode again: BatchNorm would update its running
+    statistics (and ``num_batches_tracked``) a second time.
+    """
+    buffers = list(module.buffers())
+    if torch._C._current_graph_task_id() == -1 or not buffers:  # the forward itself
+        yield
+        return
+    kept = [buffer.clone() for buffer in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, kept, strict=True):
+                buffer.copy_(value)
+
+
+def _warn_enclosed(name: str) -> None:
+    # Python's default filter shows each message once.
+    warnings.warn(
+        f"LoRAct: checkpoint target {name!r} runs inside another activation checkpoint (or under another "
+        "saved-tensor hook, such as save_on_cpu); it is not checkpointed again and its input is not "
+        "compressed. Leave it out of `checkpoint`, or remove the enclosing checkpoint.",
+        stacklevel=3,
+    )

@@ -146,8 +146,9 @@ class ActivationCompressor:
             yield CompressionStats()
             return
         forward = self._start_forward()
-        hooks = torch.autograd.graph.saved_tensors_hooks(forward.pack, _unpack)
-        with forward.tracking_modules(), checkpointed(self._modules_to_wrap), hooks, forward.parameters.tracking():
+        pack = forward.pack  # one object: the checkpointed modules look for it on top of the hooks
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
+        with forward.tracking_modules(), checkpointed(self._modules_to_wrap, pack), hooks, forward.parameters.tracking():
             yield forward.stats
 
     def _start_forward(self) -> _Forward:
