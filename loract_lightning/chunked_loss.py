@@ -15,6 +15,7 @@ to float rounding (the sum is taken chunk by chunk).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -75,14 +76,97 @@ def causal_lm_loss(
     """The loss ``model(input_ids, labels=labels).loss`` of a transformers causal LM, computed in chunks.
 
     Runs the model's decoder (``get_decoder()``; through peft's ``PeftModel`` too), then
-    :func:`chunked_cross_entropy` over its output embeddings (``get_output_embeddings()``), with
-    the labels shifted by one as transformers does. ``model_kwargs`` (``attention_mask``, ...)
-    go to the decoder.
+    :func:`chunked_cross_entropy` over its output embeddings (``get_output_embeddings()``) and the
+    logit transforms transformers' causal LMs apply after the head (the soft cap of Gemma 2/3 and
+    others, the scales of Granite, Cohere and FalconH1), with the labels shifted by one as
+    transformers does. ``model_kwargs`` (``attention_mask``, ...) go to the decoder.
+
+    The first call on a model object compares this with the model's own forward on the first (up to
+    8) tokens of ``input_ids``, its logits and its loss, in eval mode and without consuming random
+    numbers. A model that changes them in a way this function does not reproduce (another logit
+    transform, a MoE router loss, peft prompt learning's virtual tokens) gets a ValueError rather
+    than a different loss: use ``model(..., labels=...).loss`` for it.
     """
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        raise _cannot(f"peft {peft_config.peft_type.value}", "its virtual tokens are not in input_ids")
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(causal_lm).__name__
+    for flag in ("output_router_logits", "z_loss_coefficient"):  # loss terms (MoE, Bamba) too small for the check
+        if getattr(causal_lm.config, flag, None) or model_kwargs.get(flag):
+            raise _cannot(f"{name}'s loss", f"{flag} adds a loss term")
     decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
     if decoder is None or head is None:
-        raise ValueError(f"{type(causal_lm).__name__} has no decoder/output embeddings to chunk the loss over")
+        raise ValueError(f"{name} has no decoder/output embeddings to chunk the loss over")
+    head = _with_logit_transforms(head, causal_lm.config)
+    if model not in _reproduced:
+        prefix = input_ids.reshape(-1, input_ids.shape[-1])[:1, :8]
+        _check_against_the_model(model, name, decoder, head, prefix)
+        _reproduced[model] = True
     hidden_states = decoder(input_ids=input_ids, **model_kwargs)[0]
-    shifted = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)  # token t predicts label t + 1
-    return chunked_cross_entropy(hidden_states, head, shifted, chunk_tokens)
+    return chunked_cross_entropy(hidden_states, head, _shift(labels), chunk_tokens)
+
+
+_reproduced: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+"""The models whose own logits and loss causal_lm_loss has checked it reproduces (once per model object)."""
+
+
+def _shift(labels: Tensor) -> Tensor:
+    return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)  # token t predicts label t + 1
+
+
+def _with_logit_transforms(head: nn.Module, config: object) -> Callable[[Tensor], Tensor]:
+    """``head`` followed by what transformers' (5.x) ``*ForCausalLM.forward`` does to its output."""
+    divisor = getattr(config, "logits_scaling", None)  # Granite family; MiniCPM3 (divides the bias-free head's input)
+    factor = getattr(config, "logit_scale", None) or getattr(config, "lm_head_multiplier", None)  # Cohere; FalconH1
+    if getattr(config, "model_type", None) == "hyperclovax":  # the one model that multiplies by logits_scaling
+        divisor, factor = None, divisor
+    cap = (
+        getattr(config, "final_logit_softcapping", None)  # Gemma 2, 3, 3n, 4, VaultGemma, NanoChat
+        or getattr(config, "logits_soft_cap", None)  # RecurrentGemma
+        or getattr(config, "output_logit_soft_cap", None)  # xLSTM
+    )
+    if divisor is None and factor is None and cap is None:
+        return head
+
+    def transformed(rows: Tensor) -> Tensor:
+        logits = head(rows)  # the models' operations in their order, so the rounding is theirs too
+        logits = logits if divisor is None else logits / divisor
+        logits = logits if factor is None else logits * factor
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    return transformed
+
+
+@torch.no_grad()
+def _check_against_the_model(
+    model: nn.Module, name: str, decoder: nn.Module, head: Callable[[Tensor], Tensor], prefix: Tensor
+) -> None:
+    """Raise a ValueError unless ``decoder``, ``head`` and the shifted cross-entropy give the model's own
+    logits and loss on ``prefix``. In eval mode, so dropout cannot make them differ, and on a forked
+    RNG, so that training draws the same random numbers as without the check."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            expected = model(input_ids=prefix, labels=prefix)
+            hidden_states = decoder(input_ids=prefix)[0]
+            logits, loss = head(hidden_states), chunked_cross_entropy(hidden_states, head, _shift(prefix))
+    finally:
+        for module, training in modes.items():  # each flag as it was (model.train() would set them all)
+            module.training = training
+    # Rounding differences only (none on CPU): a missing transform or loss term is far larger.
+    tolerance = max(1e-5, 4 * torch.finfo(expected.logits.dtype).eps)
+    for what, ours, theirs in (("logits", logits, expected.logits), ("loss", loss, expected.loss)):
+        if theirs is None or not _close(ours, theirs, tolerance):
+            raise _cannot(f"{name}'s {what}", "its forward does something causal_lm_loss does not know")
+
+
+def _close(ours: Tensor, theirs: Tensor, tolerance: float) -> bool:
+    """Whether the two differ by at most ``tolerance`` times the largest of ``theirs`` (NaN equals NaN)."""
+    ours, theirs = ours.float().nan_to_num(), theirs.float().nan_to_num()
+    return ours.shape == theirs.shape and bool((ours - theirs).abs().max() <= tolerance * theirs.abs().max())
+
+
+def _cannot(what: str, why: str) -> ValueError:
+    return ValueError(f"causal_lm_loss cannot reproduce {what} ({why}); use model(..., labels=...).loss")
