@@ -51,6 +51,12 @@ def select_modules(model: nn.Module, targets: Sequence[str]) -> tuple[dict[str, 
             existing[checkpointing_ancestor] = model.get_submodule(checkpointing_ancestor)
         else:
             looping.append(checkpointing_ancestor)
+    scripted = [name for name, module in to_wrap.items() if isinstance(module, torch.jit.ScriptModule)]
+    if scripted:
+        raise ValueError(
+            f"checkpoint target(s) {scripted} are TorchScript modules, whose forward cannot be run under "
+            "activation checkpointing; leave them out of `checkpoint` or checkpoint their eager parent"
+        )
     missing = [target for target, hit in matched.items() if not hit]
     if missing:
         classes = sorted({type(m).__name__ for m in model.modules()})[:8]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -33,12 +34,14 @@ from loract_lightning.checkpointing import checkpointed, checkpointed_by_others,
 from loract_lightning.linalg import METHODS, RANDOMIZED, adaptive_qb, distance, keep_row_norms, row_norm_scale
 from loract_lightning.options import FACTOR_DTYPES, CompressionOptions
 from loract_lightning.packed import (
+    HandedOn,
     LowRankFactors,
     PackedTensor,
     RawTensor,
     StoredRegion,
     TwoValuedMask,
     low_rank_product,
+    version_probe,
 )
 from loract_lightning.parameters import ParameterIndex
 from loract_lightning.policy import Factorize, KeepRaw, SelectionPolicy, StoreMask
@@ -54,14 +57,19 @@ def _side_stream_of(device: torch.device) -> torch.cuda.Stream:
 
 @dataclass
 class _StorageRecord:
-    """What this forward has done with one storage: compact regions built from it, or kept raw."""
+    """What this forward has done with one storage: compact regions built from it, or kept raw.
+
+    Regions are held weakly: the graph that saved them holds them, and once its backward has
+    freed them (micro-batches in one ``with`` block) nothing here may keep them alive.
+    """
 
     ref: StorageWeakRef
     kept_raw: bool = False
-    regions: list[StoredRegion] = field(default_factory=list)
+    regions: list[weakref.ref[StoredRegion]] = field(default_factory=list)
 
     def region_covering(self, tensor: Tensor) -> StoredRegion | None:
-        return next((region for region in self.regions if region.covers(tensor)), None)
+        alive = (ref() for ref in self.regions)
+        return next((region for region in alive if region is not None and region.covers(tensor)), None)
 
 
 Observer = Callable[[str, Tensor, Tensor, Tensor | None], None]
@@ -80,6 +88,9 @@ class ActivationCompressor:
         options: the compression options (default: ``CompressionOptions()``).
         compress: False only measures: every saved tensor is kept raw but counted, so the stats
             show what an uncompressed forward saves, per module.
+        generators: the random generators to draw columns from, by device (default: the
+            compressor's own, seeded with ``seed``); :func:`compress_activations` passes one set
+            per model and seed, so that successive steps draw different columns.
 
     Attributes:
         observers: functions called as ``observer(module_name, matrix, left, right)`` with each
@@ -100,7 +111,14 @@ class ActivationCompressor:
             loss.backward()
     """
 
-    def __init__(self, model: nn.Module, options: CompressionOptions | None = None, *, compress: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        options: CompressionOptions | None = None,
+        *,
+        compress: bool = True,
+        generators: dict[torch.device, torch.Generator] | None = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if options is None:
@@ -129,7 +147,9 @@ class ActivationCompressor:
             if value is not None
         }
         self._factor_dtype = FACTOR_DTYPES[options.factor_dtype]
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators = {} if generators is None else generators
+        self._measure_only = not compress
+        self._first_capture = True
 
     @property
     def layer_mode(self) -> bool:
@@ -148,8 +168,11 @@ class ActivationCompressor:
         forward = self._start_forward()
         pack = forward.pack  # one object: the checkpointed modules look for it on top of the hooks
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
-        with forward.tracking_modules(), checkpointed(self._modules_to_wrap, pack), hooks, forward.parameters.tracking():
+        with forward.tracking_modules(), checkpointed(self._modules_to_wrap, pack), hooks, forward.tracking_weights():
             yield forward.stats
+        if self._first_capture and not self._measure_only:
+            self._first_capture = False
+            warn_if_nothing_compressed(forward.stats)
 
     def _start_forward(self) -> _Forward:
         # One seam for tools that watch every pack call (the tests' spy, benchmarks/attribution.py).
@@ -264,10 +287,14 @@ class _Forward:
         self.parameters = ParameterIndex(compressor.model)
         self.module_stack: list[str] = []
         self.records: dict[tuple[torch.device, int], _StorageRecord] = {}
-        self.last_block: tuple[LowRankFactors, Tensor] | None = None
-        """``block_deltas``: the last checkpointed block input's factors and rebuilt matrix."""
+        self.last_block: tuple[weakref.ref[LowRankFactors], Tensor] | None = None
+        """``block_deltas``: the last checkpointed block input's factors (held by its graph) and
+        rebuilt matrix."""
+        self.outer_hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        """The saved-tensor hooks in place before LoRAct's (``save_on_cpu``): what LoRAct keeps raw
+        goes to them, as it would without LoRAct."""
 
-    def pack(self, tensor: Tensor) -> RawTensor | PackedTensor:
+    def pack(self, tensor: Tensor) -> RawTensor | HandedOn | PackedTensor:
         """Called by autograd for every tensor it saves; returns it kept raw, or a packed form.
 
         A tensor kept raw is stored detached: autograd also hands the hook the outputs an op
@@ -279,7 +306,7 @@ class _Forward:
         """
         if (reason := self.policy.not_an_activation(tensor, self.parameters)) is not None:
             self.stats.kept[reason] += 1
-            return RawTensor(tensor.detach(), tensor._version)
+            return self._raw(tensor)
         module_name = self.module_stack[-1] if self.module_stack else ""
         record = self._record(tensor, module_name)
         if (region := record.region_covering(tensor)) is not None:
@@ -291,7 +318,7 @@ class _Forward:
         region = self._store(tensor, module_name, decision)
         if region is None:  # the factors overflowed
             return self._keep_raw(tensor, module_name, record, policy.NON_FINITE_FACTORS)
-        record.regions.append(region)
+        record.regions.append(weakref.ref(region))
         self.stats.add_stored(module_name, region.nbytes)
         return PackedTensor.view_of(region, tensor)
 
@@ -305,9 +332,7 @@ class _Forward:
             )
         start = time.perf_counter()
         chained = self.compressor.block_deltas and module_name in self.policy.checkpointed_modules
-        base = self.last_block if chained else None
-        if base is not None and (base[1].shape != decision.matrix.shape or base[1].device != tensor.device):
-            base = None  # a block of another shape starts a new chain
+        base = self._chain_base(decision.matrix) if chained else None
         result = self.compressor.factorize(module_name, tensor, decision, base)
         # On a side stream this is the time to launch the work, not to run it.
         self.stats.compress_seconds += time.perf_counter() - start
@@ -315,9 +340,20 @@ class _Forward:
             return None
         factors, rebuilt = result
         if chained:
-            self.last_block = (factors, rebuilt if rebuilt is not None else factors.matrix())
+            self.last_block = (weakref.ref(factors), rebuilt if rebuilt is not None else factors.matrix())
         self.stats.add_factors(module_name, factors.rank)
         return factors
+
+    def _chain_base(self, matrix: Tensor) -> tuple[LowRankFactors, Tensor] | None:
+        """The previous block input to store ``matrix`` as a delta from, or None: there is none, it
+        has another shape (a new chain), or its graph was freed by a backward (a new forward)."""
+        if self.last_block is None:
+            return None
+        factors, rebuilt = self.last_block[0](), self.last_block[1]
+        if factors is None or rebuilt.shape != matrix.shape or rebuilt.device != matrix.device:
+            self.last_block = None
+            return None
+        return factors, rebuilt
 
     def _record(self, tensor: Tensor, module_name: str) -> _StorageRecord:
         """The record of ``tensor``'s storage; a storage seen for the first time counts as saved."""
@@ -330,18 +366,26 @@ class _Forward:
             self.stats.add_saved(module_name, storage.nbytes())
         return record
 
-    def _keep_raw(self, tensor: Tensor, module_name: str, record: _StorageRecord, reason: str) -> RawTensor:
+    def _keep_raw(self, tensor: Tensor, module_name: str, record: _StorageRecord, reason: str) -> RawTensor | HandedOn:
         self.stats.kept[reason] += 1
         if not record.kept_raw:
             record.kept_raw = True
             self.stats.add_stored(module_name, tensor.untyped_storage().nbytes())
-        return RawTensor(tensor.detach(), tensor._version)
+        return self._raw(tensor)
+
+    def _raw(self, tensor: Tensor) -> RawTensor | HandedOn:
+        if self.outer_hooks is None:
+            return RawTensor(tensor.detach(), tensor._version)
+        pack, unpack = self.outer_hooks
+        return HandedOn(pack(tensor), unpack, version_probe(tensor), tensor._version, tensor.size())
 
     @contextmanager
     def tracking_modules(self) -> Iterator[None]:
         """Keep ``module_stack`` equal to the qualified names of the modules now running."""
         handles = []
         for name, module in self.compressor.model.named_modules():
+            if isinstance(module, torch.jit.ScriptModule):
+                continue  # takes no hooks: what it saves counts for the module that calls it
             handles.append(module.register_forward_pre_hook(functools.partial(self._enter_module, name)))
             handles.append(module.register_forward_hook(self._exit_module, always_call=True))
         try:
@@ -349,6 +393,10 @@ class _Forward:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def tracking_weights(self) -> AbstractContextManager[None]:
+        """Inside the block, mark what is computed from parameters alone (never an activation)."""
+        return self.parameters.tracking()
 
     def _enter_module(self, name: str, module: nn.Module, args: object) -> None:
         self.module_stack.append(name)
@@ -358,7 +406,7 @@ class _Forward:
             self.module_stack.pop()
 
 
-def _unpack(packed: RawTensor | PackedTensor) -> Tensor:
+def _unpack(packed: RawTensor | HandedOn | PackedTensor) -> Tensor:
     return packed.unpack()
 
 
@@ -379,4 +427,37 @@ def compress_activations(
         loss.backward()
         print(stats.ratio)
     """
-    return ActivationCompressor(model, CompressionOptions(**options), compress=compress).capture()
+    options = CompressionOptions(**options)
+    generators = _GENERATORS.setdefault(model, {}).setdefault(options.seed, {})
+    return ActivationCompressor(model, options, compress=compress, generators=generators).capture()
+
+
+_GENERATORS: weakref.WeakKeyDictionary[nn.Module, dict[int, dict[torch.device, torch.Generator]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per model and seed, the generators that successive :func:`compress_activations` calls draw from."""
+
+
+_NOT_ACTIVATIONS = frozenset({policy.PARAMETER, policy.IN_BACKWARD, policy.UNSUPPORTED})
+_HINTS = {
+    policy.SMALL: "smaller than min_bytes",
+    policy.NARROW: "narrower than min_width",
+    policy.OTHER_MODULE: "saved by no module of a `saved_by` class (a compiled graph saves outside any module)",
+    policy.OUTSIDE_CHECKPOINT: "outside the checkpointed modules, with compress_outside=False",
+    policy.NO_SAVING: "so small that factors would not save memory",
+    policy.DISABLED: "of modules whose `layers` rank is None",
+}
+
+
+def warn_if_nothing_compressed(stats: CompressionStats) -> None:
+    """Warn when a training forward stored nothing in compact form, naming why."""
+    if stats.compressed or stats.masks:
+        return
+    activations = {reason: count for reason, count in stats.kept.items() if reason not in _NOT_ACTIVATIONS}
+    if not activations:
+        why = "no activation reached LoRAct's saved-tensor hook (was the forward run inside the capture?)"
+    else:
+        reason = max(activations, key=activations.__getitem__)
+        kept = ", ".join(f"{name}={count}" for name, count in sorted(activations.items()))
+        why = f"every activation was kept raw ({kept}); most were {_HINTS.get(reason, reason)}"
+    warnings.warn(f"LoRAct compressed nothing in the first training forward: {why}.", stacklevel=3)

@@ -25,6 +25,7 @@ PyTorch itself raises.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +69,23 @@ class RawTensor:
     def unpack(self) -> Tensor:
         check_version(self.tensor, self.version, self.tensor.size())
         return self.tensor
+
+
+@dataclass(eq=False)
+class HandedOn:
+    """A tensor kept raw, handed to the saved-tensor hooks that were in place before LoRAct's
+    (the user's ``save_on_cpu``): they store it as they would without LoRAct."""
+
+    packed: object
+    unpack_hook: Callable[[object], Tensor]
+    source_version: Tensor
+    """:func:`version_probe` of the tensor (the hooks may keep a copy, which never changes)."""
+    version: int
+    size: torch.Size
+
+    def unpack(self) -> Tensor:
+        check_version(self.source_version, self.version, self.size)
+        return self.unpack_hook(self.packed)
 
 
 @dataclass(eq=False)

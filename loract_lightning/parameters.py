@@ -35,6 +35,10 @@ def owns_storage(tensor: Tensor) -> bool:
     return type(tensor).__torch_dispatch__ is Tensor.__torch_dispatch__ and tensor.layout == torch.strided
 
 
+_DERIVED = "loract_computed_from_parameters"
+"""Key of the autograd-node metadata that marks a tensor computed from parameters alone."""
+
+
 class ParameterIndex:
     """Recognises the parameters and buffers of ``model``, and tensors computed from them alone,
     in whatever form autograd saves them (see the module docstring)."""
@@ -71,8 +75,6 @@ class ParameterIndex:
                 self._by_shape.setdefault(tuple(tensor.shape), []).append(tensor)
         self._derived: dict[int, StorageWeakRef] = {}
         """Storages computed from parameters alone in this forward, by address."""
-        self._derived_nodes: set[object] = set()
-        """Their autograd nodes (held, so that a cast's ``next_functions`` returns the same object)."""
 
     def __contains__(self, tensor: Tensor) -> bool:
         """Whether the saved ``tensor`` is parameter-like (never an activation)."""
@@ -105,7 +107,9 @@ class ParameterIndex:
         storage = tensor.untyped_storage()
         self._derived[storage.data_ptr()] = StorageWeakRef(storage)
         if tensor.grad_fn is not None:
-            self._derived_nodes.add(tensor.grad_fn)
+            # Marked on the node itself (its metadata lives as long as the node), so an autocast
+            # copy's history finds it without this index holding the graph.
+            tensor.grad_fn.metadata[_DERIVED] = True
 
     @contextmanager
     def tracking(self) -> Iterator[None]:
@@ -117,7 +121,7 @@ class ParameterIndex:
         """A chain of casts/views leads from ``tensor`` to a leaf parameter or a marked tensor."""
         node = tensor.grad_fn
         for _ in range(self._HISTORY_DEPTH):
-            if node in self._derived_nodes:
+            if node.metadata.get(_DERIVED):
                 return True
             if type(node).__name__.rstrip("0123456789") not in self._CAST_OR_VIEW:
                 return False
@@ -127,7 +131,7 @@ class ParameterIndex:
             node = inputs[0]
             if hasattr(node, "variable"):  # AccumulateGrad: the chain started at a leaf parameter
                 return True
-        return node in self._derived_nodes
+        return bool(node.metadata.get(_DERIVED))
 
     def _is_cast_copy(self, tensor: Tensor) -> bool:
         """Whether ``tensor`` has the shape of a parameter (of any rank: conv weights are 4-D) and
@@ -155,6 +159,8 @@ class _DerivedFromParameters(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():  # traced by torch.compile: nothing real to mark
+            return func(*args, **kwargs)
         if func in _TAKES_WEIGHT:
             # Whatever a linear or conv layer is given as its weight is a weight, even when it was
             # computed from the input too (MAML's fast weights): never an activation to factorize.

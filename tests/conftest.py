@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loract_lightning import ActivationCompressor, compress_activations
+from loract_lightning import ActivationCompressor, CompressionOptions
 from loract_lightning.linalg import relative_error
 from loract_lightning.packed import LowRankFactors, PackedTensor, RawTensor
 
@@ -66,7 +66,10 @@ def run_and_backward(model: nn.Module, loss_fn, seed: int = 0, **compress_option
     torch.manual_seed(seed)
     stats = None
     if compress_options:
-        with compress_activations(model, **compress_options) as stats:
+        # A compressor of its own, so that its columns are drawn from a fresh generator (seeded
+        # runs compare), where successive compress_activations calls would draw new ones.
+        compressor = ActivationCompressor(model, CompressionOptions(**compress_options))
+        with compressor.capture() as stats:
             loss = loss_fn()
     else:
         loss = loss_fn()

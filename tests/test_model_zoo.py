@@ -162,9 +162,19 @@ def _parameter_test(model: nn.Module):
     return is_parameter
 
 
+def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.named_buffers()}
+
+
+def _restore_buffers(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(values[name])
+
+
 def _model_state(model: nn.Module) -> dict:
     return {
-        # Buffers are left out: BatchNorm's running statistics move in every training forward.
+        # Buffers are compared step by step above: BatchNorm's running statistics move in every step.
         "tensors": {name: value.detach().clone() for name, value in model.named_parameters()},
         "patched_forwards": [name for name, module in model.named_modules() if "forward" in module.__dict__],
         "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
@@ -179,11 +189,17 @@ def test_model_zoo(zoo_model, mode):
     options = {"min_bytes": 0, "min_width": 0, "min_rank": 1, "saved_by": None}
     options["checkpoint"] = blocks if mode == "layer" else ()
     before = _model_state(model)
+    buffers_before = _buffers(model)
     expected, _ = _gradients(model, loss_fn)
+    expected_buffers = _buffers(model)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' own notes on configs and caches
+        _restore_buffers(model, buffers_before)
         lossless, _ = _gradients(model, loss_fn, ActivationCompressor(model, CompressionOptions(rank=1.0, **options)))
+        # One step moves BatchNorm's statistics once, as without compression (a recompute must not).
+        for name, value in _buffers(model).items():
+            torch.testing.assert_close(value, expected_buffers[name], msg=f"buffer {name}")
         compressor = ActivationCompressor(model, CompressionOptions(rank=0.125, **options))
         calls = spy_on_pack(compressor)
         lossy, stats = _gradients(model, loss_fn, compressor)
