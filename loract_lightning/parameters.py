@@ -9,6 +9,9 @@ only, so the pack hook asks :class:`ParameterIndex` whether a saved tensor is pa
   ``torch.cat``, MAML fast weights through ``functional_call``. :meth:`ParameterIndex.tracking`
   watches every torch function call of the forward (a ``TorchFunctionMode``) and marks the
   outputs of calls whose tensor inputs are all parameter-like;
+- it was made inside a call on a quantized weight (a tensor subclass such as torchao's int8 or
+  NF4 weights: the call dequantizes it and autograd saves the plain copy) and is not one of the
+  call's own plain inputs;
 - it is an autocast copy of one of those (a new storage made inside the dispatcher, where the
   mode cannot see it): a chain of casts and views leads back to a parameter or to a marked
   tensor, or, for frozen weights (no history at all), its shape and leading values match a
@@ -75,11 +78,15 @@ class ParameterIndex:
                 self._by_shape.setdefault(tuple(tensor.shape), []).append(tensor)
         self._derived: dict[int, StorageWeakRef] = {}
         """Storages computed from parameters alone in this forward, by address."""
+        self._quantized_call_inputs: list[set[int]] = []
+        """For each call on a quantized weight now running: its plain inputs' storages."""
 
     def __contains__(self, tensor: Tensor) -> bool:
         """Whether the saved ``tensor`` is parameter-like (never an activation)."""
         if self.holds(tensor):
             return True
+        if self._quantized_call_inputs and tensor.untyped_storage().data_ptr() not in self._quantized_call_inputs[-1]:
+            return True  # made inside the quantized weight's own code: its dequantized copy
         if tensor.grad_fn is not None:
             return self._history_reaches_parameter(tensor)
         return tensor.ndim >= 2 and self._is_cast_copy(tensor)
@@ -167,14 +174,27 @@ class _DerivedFromParameters(TorchFunctionMode):
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             if isinstance(weight, Tensor):
                 self.index.mark(weight)
-        result = func(*args, **kwargs)
+        inputs = _tensors_in(args) + _tensors_in(kwargs)
+        if any(not owns_storage(tensor) and self.index.holds(tensor) for tensor in inputs):
+            result = self._call_on_quantized_weight(func, inputs, args, kwargs)
+        else:
+            result = func(*args, **kwargs)
         outputs = _tensors_in(result)
-        if outputs:  # most calls (sizes, dtypes, ...) return no tensor: nothing to look at
-            inputs = _tensors_in(args) + _tensors_in(kwargs)
-            if inputs and all(self.index.holds(tensor) for tensor in inputs):
-                for tensor in outputs:
-                    self.index.mark(tensor)
+        # Most calls (sizes, dtypes, ...) return no tensor: nothing to mark.
+        if outputs and inputs and all(self.index.holds(tensor) for tensor in inputs):
+            for tensor in outputs:
+                self.index.mark(tensor)
         return result
+
+    def _call_on_quantized_weight(self, func, inputs: list[Tensor], args, kwargs):
+        """Run a call that takes a quantized weight (a parameter of a tensor subclass), noting its
+        plain inputs: whatever else it saves was made from the weight inside the call."""
+        plain = {tensor.untyped_storage().data_ptr() for tensor in inputs if owns_storage(tensor)}
+        self.index._quantized_call_inputs.append(plain)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.index._quantized_call_inputs.pop()
 
 
 _TAKES_WEIGHT = frozenset(
