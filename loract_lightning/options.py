@@ -7,6 +7,7 @@ and ``loract profile`` take these same options by name; :class:`ActivationCompre
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -21,6 +22,10 @@ RankSpec = int | float | Literal["auto"] | None
 tensor for an error target), or None (do not compress)."""
 
 AUTO = "auto"
+
+Method = Literal["sampled_qb", "randomized_svd", "truncated_svd"]
+"""The names of :data:`~loract_lightning.linalg.METHODS` as a type: ``LoRAct``'s ``method`` hint, so
+that the CLI lists them in ``--help`` and rejects any other name as it parses."""
 
 LINEAR_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
 """Modules whose saved input enters the weight gradient linearly (``Conv1D`` is transformers'
@@ -70,7 +75,9 @@ class CompressionOptions:
             only the weight gradient, linearly: the one class of saved tensors that compressed
             at no measurable cost (docs/results.md, "Which tensors hurt"). None: whatever any
             module saves (the paper's default mode). In layer mode the checkpointed modules'
-            inputs are compressed whatever their class.
+            inputs are compressed whatever their class. A name that no module's class has is a
+            ValueError that shows the model's classes (names of the default may miss where
+            another name matches; the default itself is not checked).
         min_width: activations whose matrix has fewer columns (or rows) than this stay raw: a
             fractional rank of a narrow matrix is a handful of directions (LoRA's rank-8
             intermediate at rank 1/8 would be rank 1). Conv
@@ -93,7 +100,8 @@ class CompressionOptions:
         seed: seed of the compressor's own random generator (the global RNG is never drawn from,
             so dropout masks are the same as without compression).
         power_iters: power iterations of the randomized methods (None: the method's default,
-            0 for sampled_qb, 2 for randomized_svd).
+            0 for sampled_qb, 2 for randomized_svd; with truncated_svd, which takes neither this
+            nor ``oversample``, a value is a ValueError).
         oversample: extra sketch columns of the randomized methods (None: the method's default,
             0 for sampled_qb, 10 for randomized_svd).
         keep_row_norms: rescale each rebuilt row (token) to its original norm, at no memory
@@ -141,8 +149,8 @@ class CompressionOptions:
         CompressionOptions(rank=0)  # ValueError: rank must be an int >= 1, a float in (0, 1], 'auto', got 0
     """
 
-    rank: int | float = 0.125
-    method: str = "sampled_qb"
+    rank: int | float | Literal["auto"] = 0.125
+    method: Method = "sampled_qb"
     min_bytes: int = 1 << 20
     layers: Mapping[str, RankSpec] = field(default_factory=dict)
     saved_by: Sequence[str] | None = LINEAR_LAYERS
@@ -171,8 +179,14 @@ class CompressionOptions:
         check_choice("method", self.method, sorted(METHODS))
         for name in ("min_bytes", "min_width", "seed"):
             check_int(name, getattr(self, name))
-        for name in ("power_iters", "oversample"):
-            check_int(name, getattr(self, name), allow_none=True)
+        for name in ("power_iters", "oversample"):  # passed on to the method: only those that take it
+            value = getattr(self, name)
+            check_int(name, value, allow_none=True)
+            if value is not None and name not in inspect.signature(METHODS[self.method]).parameters:
+                takers = [m for m, f in METHODS.items() if name in inspect.signature(f).parameters]
+                raise ValueError(
+                    f"{name}={value!r} is not an option of method={self.method!r}; methods that take it: {takers}"
+                )
         if self.keep_row_norms is not None and not isinstance(self.keep_row_norms, bool):
             raise TypeError(f"keep_row_norms must be None, True or False, got {self.keep_row_norms!r}")
         check_fraction("max_error", self.max_error)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from typing import get_args
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from loract_lightning import ActivationCompressor, CompressionOptions, compress_activations
 from loract_lightning.linalg import METHODS
+from loract_lightning.options import LINEAR_LAYERS, Method
 from loract_lightning.packed import LowRankFactors, PackedTensor, TwoValuedMask
 
 LOSSLESS_RANK = KNOWN_MAX_RANK + 12
@@ -355,11 +357,50 @@ def test_layers_override_ranks_and_none_disables(known_rank_net):
         ({"power_iters": -1}, ValueError, "power_iters must be None or an int >= 0, got -1"),
         ({"keep_row_norms": "yes"}, TypeError, "keep_row_norms must be None, True or False, got 'yes'"),
         ({"factor_dtype": "int8"}, ValueError, r"factor_dtype must be one of \[None, 'bfloat16', .*got 'int8'"),
+        (
+            {"method": "truncated_svd", "power_iters": 2},
+            ValueError,
+            r"power_iters=2 is not an option of method='truncated_svd'; methods that take it: "
+            r"\['sampled_qb', 'randomized_svd'\]",
+        ),
+        ({"method": "truncated_svd", "oversample": 0}, ValueError, "oversample=0 is not an option of method="),
+        (
+            {"saved_by": ["linear"]},
+            ValueError,
+            r"saved_by class name\(s\) \['linear'\] match no module of KnownRankNet; .* such as \['Linear', ",
+        ),
+        ({"saved_by": ["Linear", "Dropuot"]}, ValueError, r"\['Dropuot'\] match no module.*'Dropout'"),
+        ({"saved_by": ["Conv2d", "Conv1D"]}, ValueError, r"\['Conv2d', 'Conv1D'\] match no module"),
     ],
 )
 def test_bad_options_name_the_value_and_what_is_allowed(known_rank_net, options, error, message):
     with pytest.raises(error, match=message):
         compress_activations(known_rank_net, **options)
+
+
+def test_method_options_are_those_of_the_method_and_the_method_type_names_every_method(known_rank_net):
+    assert set(get_args(Method)) == set(METHODS)
+    x = KnownRankNet.make_input()
+    for method in ("sampled_qb", "randomized_svd"):
+        _, stats = run_and_backward(
+            known_rank_net, lambda: known_rank_net(x), rank=8, min_bytes=0, method=method, power_iters=1, oversample=2
+        )
+        assert stats.compressed > 0
+
+
+@pytest.mark.parametrize(
+    "saved_by",
+    [
+        LINEAR_LAYERS,  # the default names classes most models lack: not checked
+        ["Linear", "Conv1D"],  # a list for several architectures (GPT-2's Conv1D): one of them matches
+        ["Module"],  # matched along the class hierarchy
+        ["KnownRankBlock", "Dropout"],
+        None,
+    ],
+)
+def test_saved_by_names_that_match_a_class_are_accepted(known_rank_net, saved_by):
+    compress_activations(known_rank_net, saved_by=saved_by)
+    compress_activations(nn.Sequential(nn.ReLU()), saved_by=LINEAR_LAYERS)  # no linear layer at all
 
 
 def test_a_model_that_is_not_a_module_is_rejected():
