@@ -16,6 +16,7 @@ overrides from ``layers``.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -141,6 +142,28 @@ class RankPolicy:
             )
 
 
+def check_saved_by(model: nn.Module, saved_by: Collection[str] | None) -> None:
+    """Raise a ValueError for ``saved_by`` class names that no module of ``model`` has (along its
+    class's MRO, as :func:`has_class` matches them), listing classes it has: a typo would otherwise
+    compress nothing. The default (:data:`LINEAR_LAYERS`) is not checked, and names of it may miss
+    while another name matches: such a list is meant for several architectures (GPT-2's Conv1D, others' Linear).
+    """
+    if saved_by is None or tuple(saved_by) == LINEAR_LAYERS:
+        return
+    classes = {cls.__name__ for module in model.modules() for cls in type(module).__mro__}
+    unmatched = [name for name in saved_by if name not in classes]
+    if len(unmatched) < len(saved_by):
+        unmatched = [name for name in unmatched if name not in LINEAR_LAYERS]
+    if unmatched:
+        names = list(dict.fromkeys(type(module).__name__ for module in model.modules()))
+        near = [match for name in unmatched for match in difflib.get_close_matches(name, names, n=2)]
+        examples = list(dict.fromkeys([*near, *names]))[:10]
+        raise ValueError(
+            f"saved_by class name(s) {unmatched} match no module of {type(model).__name__}; "
+            f"give class names (matched along each module's class hierarchy) such as {examples}"
+        )
+
+
 class SelectionPolicy:
     """Decides, for each tensor autograd saves, whether it is kept raw, stored as a mask or factorized.
 
@@ -163,6 +186,7 @@ class SelectionPolicy:
         self.options = options
         self.ranks = RankPolicy(options.rank, options.layers)
         self.ranks.check_against(model)
+        check_saved_by(model, options.saved_by)
         self.checkpointed_modules = frozenset(checkpointed_modules)
         self.measure_only = measure_only
         self._modules_by_name = dict(model.named_modules())

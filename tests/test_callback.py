@@ -166,6 +166,12 @@ def test_bad_options_fail_at_construction(options, message):
         LoRAct(**options)
 
 
+def test_a_saved_by_name_that_matches_no_class_fails_at_fit_start(tmp_path):
+    """A typo would otherwise compress nothing, silently."""
+    with pytest.raises(ValueError, match=r"saved_by class name\(s\) \['linear'\] match no module of KnownRankModule"):
+        fit(tmp_path, [LoRAct(saved_by=["linear"])])
+
+
 def test_loract_takes_every_compression_option_by_name_with_the_same_defaults():
     # LoRAct's docstring points to CompressionOptions for their meaning: they must be the same set.
     names = [field.name for field in dataclasses.fields(CompressionOptions)]
