@@ -16,16 +16,23 @@ added like any callback::
       callbacks:
         - class_path: loract_lightning.LoRAct
           init_args: {rank: 0.125, layers: {"model.*.layer.0.*": 64}}
+
+A bad value is an argument error (exit code 2) with one ``error:`` line that names it: after the
+usage where the parser rejects it (a ``method`` it does not know), alone where the class refuses it
+as it is built (``error: LoRAct: rank must be an int >= 1, a float in (0, 1], 'auto', got 1.5``).
+``JSONARGPARSE_DEBUG=true`` raises it with its traceback instead.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import traceback
 import warnings
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from loract_lightning.profiling_trainer import ProfilingTrainer
@@ -53,12 +60,78 @@ PROFILING_RUN = {
 """Trainer settings of a ``loract profile`` run: it measures training batches and keeps nothing."""
 
 
+class LoRActArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose error for a bad ``init_args`` value of a class in a list (a
+    callback) is the one line that names it, not every Union subtype the list could have been."""
+
+    @override
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        super().error(_class_problem(message, ex), ex)
+
+
+def _class_problem(message: str, error: Exception | None) -> str:
+    """``message``, or for a Union that no subtype validates, the problem jsonargparse found with the
+    given class (``Parser key "trainer.callbacks": Problem with given class_path 'loract_lightning.LoRAct':
+    Parser key "method": Expected a typing.Literal[...]. Got value: nope``), on one line."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return message
+    for cause in _causes(error):
+        if str(cause).startswith("Problem with given class_path"):
+            key = message.splitlines()[0] + " " if message.startswith("Parser key") else ""
+            return key + " ".join(line.strip() for line in str(cause).splitlines())
+    return message
+
+
+def _causes(error: BaseException | None) -> list[BaseException]:
+    """``error`` and the chain of exceptions it was raised from (or while handling)."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _refusal(error: BaseException) -> BaseException:
+    """The error a configured class raised as it was built, out of jsonargparse's wrapping: the
+    first in ``error``'s chain that jsonargparse did not raise (else the last)."""
+    chain = _causes(error)
+    return next((e for e in chain if f"{os.sep}jsonargparse{os.sep}" not in _raised_in(e)), chain[-1])
+
+
+def _one_line(refusal: BaseException) -> str:
+    """``<class>: <message>``, the class being the one whose ``__init__`` raised ``refusal``, where one did."""
+    frames = [frame for frame, _ in traceback.walk_tb(refusal.__traceback__)]
+    owners = [f.f_locals["self"] for f in frames if f.f_code.co_name == "__init__" and "self" in f.f_locals]
+    return f"{type(owners[0]).__name__}: {refusal}" if owners else str(refusal)
+
+
+def _raised_in(error: BaseException) -> str:
+    """The file of the frame that raised ``error``."""
+    frames = list(traceback.walk_tb(error.__traceback__))
+    return frames[-1][0].f_code.co_filename if frames else ""
+
+
 class LoRActCLI(LightningCLI):
-    """LightningCLI whose trainer is a :class:`ProfilingTrainer`, so ``profile`` is one more subcommand."""
+    """LightningCLI whose trainer is a :class:`ProfilingTrainer`, so ``profile`` is one more
+    subcommand, and whose errors for bad values are one line (exit code 2)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_class", ProfilingTrainer)
+        kwargs.setdefault("parser_class", LoRActArgumentParser)
         super().__init__(*args, **kwargs)
+
+    @override
+    def instantiate_classes(self) -> None:
+        """Build the configured classes; a value one of them refuses (a ValueError/TypeError from its
+        ``__init__``, such as LoRAct's checks) is an argument error: one line, exit code 2."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as error:
+            refusal = _refusal(error)
+            debug = os.environ.get("JSONARGPARSE_DEBUG", "").lower() == "true"
+            if not isinstance(refusal, (ValueError, TypeError)) or not self.parser.exit_on_error or debug:
+                raise
+            self.parser.exit(2, f"error: {_one_line(refusal)}\n")
 
     @staticmethod
     @override

@@ -9,7 +9,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from loract_lightning.context import ActivationCompressor
-from loract_lightning.options import AUTO, LINEAR_LAYERS, CompressionOptions, RankSpec
+from loract_lightning.options import AUTO, LINEAR_LAYERS, CompressionOptions, Method, RankSpec
 from loract_lightning.stats import CompressionStats
 from loract_lightning.step_capture import StepCapture, StepCaptureCallback, log_metrics
 
@@ -65,7 +65,7 @@ class LoRAct(StepCaptureCallback):
     def __init__(
         self,
         rank: int | float | Literal["auto"] = 0.125,
-        method: str = "sampled_qb",
+        method: Method = "sampled_qb",
         min_bytes: int = 1 << 20,
         layers: dict[str, RankSpec] | None = None,
         saved_by: list[str] | None = list(LINEAR_LAYERS),  # noqa: B006 - never mutated; shows in --help

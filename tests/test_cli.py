@@ -113,6 +113,39 @@ def test_bad_rank_in_an_overlay_names_the_value(tmp_path, capsys):
     assert "rank must be an int >= 1, a float in (0, 1], 'auto', got 0" in report
 
 
+@pytest.mark.parametrize(
+    ("init_args", "parsed", "message"),
+    [
+        # refused by LoRAct as it is built: the library's message, and nothing else
+        ({"rank": 1.5}, False, "error: LoRAct: rank must be an int >= 1, a float in (0, 1], 'auto', got 1.5"),
+        (
+            {"method": "truncated_svd", "power_iters": 2},
+            False,
+            "error: LoRAct: power_iters=2 is not an option of method='truncated_svd'; methods that take it:",
+        ),
+        # refused by the parser (method is a Literal): jsonargparse's usage, then the one problem
+        (
+            {"method": "nope"},
+            True,
+            """Parser key "method": Expected a typing.Literal['sampled_qb', 'randomized_svd', """,
+        ),
+    ],
+)
+def test_a_bad_loract_value_is_one_error_line_and_exit_code_2(init_args, parsed, message, tmp_path, capsys):
+    overlay = {"trainer": {"callbacks+": [{"class_path": "loract_lightning.LoRAct", "init_args": init_args}]}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(overlay))
+    with pytest.raises(SystemExit) as exited:
+        main(["fit", *config_arguments("text/baseline"), "--config", str(bad), "--trainer.fast_dev_run=true"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    error = err[err.index("error: ") :]
+    assert message in error and error.count("\n") == 1, err  # one line
+    assert "Traceback" not in err and "Does not validate against any of the Union subtypes" not in err
+    if not parsed:
+        assert len(err.splitlines()) <= 3, err  # no usage either: at most a log line before it
+
+
 def test_missing_data_dir_names_the_path(tmp_path, capsys):
     report = run_failing(
         capsys, *config_arguments("text/baseline"),
