@@ -279,3 +279,44 @@ def test_layer_mode_refuses_a_prefilled_kv_cache():
         compress_activations(model, rank=4, checkpoint=["LlamaDecoderLayer"]),
     ):
         model(input_ids=torch.randint(0, 1000, (1, 8)), past_key_values=prefix, use_cache=True)
+
+
+class CacheNamedBlock(nn.Module):
+    """Takes keyword arguments named like a KV cache that are none: a tensor ``cache`` (an input
+    it multiplies by) and an empty ``layer_past`` (no states)."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor, layer_past: tuple = ()) -> torch.Tensor:
+        assert layer_past == (), layer_past  # passed on as it is, in the forward and the recompute
+        return torch.tanh(self.proj(x)) * cache
+
+
+class CacheNamedNet(nn.Module):
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Linear(width, width)
+        self.gate = nn.Linear(width, width)
+        self.block = CacheNamedBlock(width)
+
+    def forward(self, x: torch.Tensor, layer_past: tuple = ()) -> torch.Tensor:
+        return self.block(self.embed(x), cache=torch.sigmoid(self.gate(x)), layer_past=layer_past).pow(2).sum()
+
+
+def test_layer_mode_takes_a_tensor_named_cache_and_an_empty_layer_past():
+    """Neither is a KV cache holding states: an earlier version refused both."""
+    model = CacheNamedNet()
+    x = torch.randn(4, 32, 64)
+    expected, _ = run_and_backward(model, lambda: model(x))
+    actual, stats = run_and_backward(model, lambda: model(x), rank=1.0, min_bytes=0, checkpoint=["CacheNamedBlock"])
+    assert stats.modules["block"].saved_bytes > 0  # the block ran checkpointed: its inputs were saved
+    assert expected.abs().sum() > 0 and model.gate.weight.grad.abs().sum() > 0  # the gradient reaches `cache`
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    states = (torch.randn(4, 2, 8), torch.randn(4, 2, 8))
+    with (
+        pytest.raises(ValueError, match=r"KV cache holding states \(layer_past, a non-empty legacy tuple\)"),
+        compress_activations(model, rank=1.0, min_bytes=0, checkpoint=["CacheNamedBlock"]),
+    ):
+        model(x, layer_past=states)
