@@ -215,6 +215,20 @@ def build_settings(num_layers: int, num_heads: int) -> list[Setting]:
             {"checkpoint": ["LlamaDecoderLayer"], "compress_outside": False, "rank": 0.25, "block_deltas": True},
         ),
         Setting(
+            "layer-recompute",
+            "7e. layer mode, blocks only, block deltas, each block's recompute under the defaults' rule"
+            " (`compress_recompute`)",
+            {
+                "checkpoint": ["LlamaDecoderLayer"],
+                "compress_outside": False,
+                "block_deltas": True,
+                "compress_recompute": True,
+                "saved_by": LINEAR_LAYERS,
+                "min_width": 64,
+                "min_bytes": 1 << 20,
+            },
+        ),
+        Setting(
             "defaults",
             "8. the library's defaults (`saved_by`: linear layers, `min_width` 64, `min_bytes` 1 MiB)",
             {"saved_by": LINEAR_LAYERS, "min_width": 64, "min_bytes": 1 << 20},
@@ -242,9 +256,7 @@ def load_model(path: str, attn_implementation: str, lora_dropout: float = 0.05) 
     model = AutoModelForCausalLM.from_pretrained(
         path, use_cache=False, dtype=torch.float32, attn_implementation=attn_implementation
     )
-    lora = LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=lora_dropout, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
-    )
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=lora_dropout, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     return get_peft_model(model, lora).train()
 
 

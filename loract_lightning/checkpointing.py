@@ -8,13 +8,16 @@ from the rebuilt inputs. We only swap each module's ``forward`` for a call throu
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
 from loract_lightning.policy import has_class
@@ -171,17 +174,23 @@ def _no_cache(cache: object, where: str) -> None:
 
 
 @contextmanager
-def checkpointed(modules: Mapping[str, nn.Module], hook: Callable[[Tensor], object]) -> Iterator[None]:
-    """Run each of ``modules`` through non-reentrant activation checkpointing inside the block.
+def checkpointed(
+    modules: Mapping[str, nn.Module],
+    hook: Callable[[Tensor], object],
+    recompute: Callable[[str], AbstractContextManager] | None = None,
+) -> Iterator[None]:
+    """Run each of ``modules`` under activation checkpointing inside the block.
 
     ``hook`` is the pack hook that saves the inputs: where another saved-tensor hook is the
     innermost at call time (an enclosing checkpoint, the user's own or the outer recompute of one,
     or ``save_on_cpu``), the module runs as it is, so that forward and recompute do the same thing.
+    ``recompute(name)``: a context to recompute module ``name`` in (``compress_recompute``),
+    through :class:`RecomputeInContext`; None: PyTorch's non-reentrant checkpoint.
     """
     originals = {name: module.__dict__.get("forward") for name, module in modules.items()}
     try:
         for name, module in modules.items():
-            module.forward = _checkpointed_forward(module, name, module.forward, hook)
+            module.forward = _checkpointed_forward(module, name, module.forward, hook, recompute)
         yield
     finally:
         for name, module in modules.items():
@@ -191,7 +200,7 @@ def checkpointed(modules: Mapping[str, nn.Module], hook: Callable[[Tensor], obje
                 module.forward = originals[name]
 
 
-def _checkpointed_forward(module: nn.Module, name: str, forward, hook):
+def _checkpointed_forward(module: nn.Module, name: str, forward, hook, recompute):
     def run(*args, **kwargs):
         innermost = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if innermost is None or innermost[0] is not hook:
@@ -206,12 +215,88 @@ def _checkpointed_forward(module: nn.Module, name: str, forward, hook):
 
         def call(*flat_args):
             tensor_kwargs = dict(zip(tensor_keys, flat_args[num_args:], strict=True))
-            with buffers_kept_in_recompute(module):
+            # RecomputeInContext puts the buffers back itself, once its backward is done.
+            with buffers_kept_in_recompute(module) if recompute is None else contextlib.nullcontext():
                 return forward(*flat_args[:num_args], **tensor_kwargs, **other_kwargs)
 
-        return checkpoint(call, *args, *(kwargs[key] for key in tensor_keys), use_reentrant=False)
+        flat_args = (*args, *(kwargs[key] for key in tensor_keys))
+        if recompute is None:
+            return checkpoint(call, *flat_args, use_reentrant=False)
+        return RecomputeInContext.run(call, functools.partial(recompute, name), module, *flat_args)
 
     return run
+
+
+class RecomputeInContext(torch.autograd.Function):
+    """Activation checkpointing whose recompute runs inside a context of the caller's.
+
+    Forward runs ``function`` without saving anything but its tensor inputs (through the
+    saved-tensor hooks in place, so layer mode compresses them); backward rebuilds them, runs
+    ``function`` again inside ``recompute_context()`` (with the forward's random state and
+    autocast), and backpropagates through that. PyTorch's own checkpoint stores what its
+    recompute saves where no saved-tensor hook can reach it; here LoRAct's hooks see it.
+    Outputs may be any nesting of tuples, lists and dicts of tensors.
+    """
+
+    @staticmethod
+    def run(function: Callable, recompute_context: Callable[[], AbstractContextManager], module: nn.Module, *args):
+        """``function(*args)``, recomputed in backward inside ``recompute_context()``; ``module``'s
+        buffers are put back after that backward, as the forward left them."""
+        # A tensor that requires grad, so that the output does even when no input does (the
+        # first block of a model whose embeddings are frozen), and backward reaches the block.
+        anchor = torch.empty(0, requires_grad=True)
+        structure: list = []
+        leaves = RecomputeInContext.apply(anchor, (function, recompute_context, module), structure, *args)
+        return pytree.tree_unflatten(list(leaves), structure[0])
+
+    @staticmethod
+    def forward(ctx, anchor, call, structure, *args):
+        ctx.function, ctx.recompute_context, ctx.module = call
+        function = ctx.function
+        ctx.tensor_positions = [i for i, arg in enumerate(args) if isinstance(arg, Tensor)]
+        ctx.other_args = [None if isinstance(arg, Tensor) else arg for arg in args]
+        ctx.save_for_backward(*(args[i] for i in ctx.tensor_positions))
+        tensors = [arg for arg in args if isinstance(arg, Tensor)]
+        ctx.devices = sorted({tensor.device for tensor in tensors if tensor.device.type == "cuda"}, key=str)
+        ctx.rng_states = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.devices])
+        ctx.autocast = {
+            device: (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            for device in ("cpu", "cuda")
+            if device == "cpu" or ctx.devices
+        }
+        leaves, spec = pytree.tree_flatten(function(*args))
+        structure.append(spec)
+        return tuple(leaves)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        args = list(ctx.other_args)
+        for position, tensor in zip(ctx.tensor_positions, ctx.saved_tensors, strict=True):
+            args[position] = tensor.detach().requires_grad_(ctx.needs_input_grad[3 + position])
+        with buffers_kept_in_recompute(ctx.module):
+            return RecomputeInContext._recompute_and_backpropagate(ctx, args, grads)
+
+    @staticmethod
+    def _recompute_and_backpropagate(ctx, args: list, grads: tuple) -> tuple:
+        with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
+            torch.set_rng_state(ctx.rng_states[0])
+            for device, state in zip(ctx.devices, ctx.rng_states[1], strict=True):
+                torch.cuda.set_rng_state(state, device)
+            autocasts = [torch.autocast(d, enabled=on, dtype=dtype) for d, (on, dtype) in ctx.autocast.items()]
+            with contextlib.ExitStack() as stack:
+                for autocast in autocasts:
+                    stack.enter_context(autocast)
+                stack.enter_context(ctx.recompute_context())
+                outputs, _ = pytree.tree_flatten(ctx.function(*args))
+        pairs = [
+            (output, grad)
+            for output, grad in zip(outputs, grads, strict=True)
+            if isinstance(output, Tensor) and output.requires_grad and grad is not None
+        ]
+        if pairs:
+            torch.autograd.backward([output for output, _ in pairs], [grad for _, grad in pairs])
+        input_grads = [arg.grad if isinstance(arg, Tensor) else None for arg in args]
+        return (None, None, None, *input_grads)
 
 
 @contextmanager

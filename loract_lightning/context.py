@@ -168,15 +168,27 @@ class ActivationCompressor:
         forward = self._start_forward()
         pack = forward.pack  # one object: the checkpointed modules look for it on top of the hooks
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
-        with forward.tracking_modules(), checkpointed(self._modules_to_wrap, pack), hooks, forward.tracking_weights():
+        recompute = self.recompute if self.options.compress_recompute and not self._measure_only else None
+        checkpointing = checkpointed(self._modules_to_wrap, pack, recompute)
+        with forward.tracking_modules(), checkpointing, hooks, forward.tracking_weights():
             yield forward.stats
         if self._first_capture and not self._measure_only:
             self._first_capture = False
             warn_if_nothing_compressed(forward.stats)
 
-    def _start_forward(self) -> _Forward:
+    def _start_forward(self, recomputing: str | None = None) -> _Forward:
         # One seam for tools that watch every pack call (the tests' spy, benchmarks/attribution.py).
-        return _Forward(self)
+        return _Forward(self, recomputing)
+
+    @contextmanager
+    def recompute(self, name: str) -> Iterator[None]:
+        """Layer mode, ``compress_recompute``: around the recompute of block ``name`` in backward,
+        store what it saves as default mode does (linear layers' inputs as factors, masks exact),
+        so that one block's backward holds less than its raw working set."""
+        forward = self._start_forward(recomputing=name)
+        hooks = torch.autograd.graph.saved_tensors_hooks(forward.pack, _unpack)
+        with forward.tracking_modules(), hooks, forward.tracking_weights():
+            yield
 
     def state_dict(self) -> dict[str, Any]:
         """The random generators' states (one per device used), for checkpoints."""
@@ -280,8 +292,10 @@ class _Forward:
     outlives its autograd graph except the stored regions the graph holds.
     """
 
-    def __init__(self, compressor: ActivationCompressor) -> None:
+    def __init__(self, compressor: ActivationCompressor, recomputing: str | None = None) -> None:
         self.compressor = compressor
+        self.recomputing = recomputing
+        """The name of the block whose recompute this is (``compress_recompute``), or None."""
         self.policy = compressor.policy
         self.stats = CompressionStats()
         self.parameters = ParameterIndex(compressor.model)
@@ -304,7 +318,8 @@ class _Forward:
         Both forms remember the tensor's version, so an in-place write after the save raises at
         unpack, as it does without hooks.
         """
-        if (reason := self.policy.not_an_activation(tensor, self.parameters)) is not None:
+        recomputing = self.recomputing is not None
+        if (reason := self.policy.not_an_activation(tensor, self.parameters, recomputing)) is not None:
             self.stats.kept[reason] += 1
             return self._raw(tensor)
         module_name = self.module_stack[-1] if self.module_stack else ""
@@ -312,7 +327,7 @@ class _Forward:
         if (region := record.region_covering(tensor)) is not None:
             self.stats.shared += 1
             return PackedTensor.view_of(region, tensor)
-        decision = self.policy.decide(tensor, module_name, record.kept_raw)
+        decision = self.policy.decide(tensor, module_name, record.kept_raw, recomputing)
         if isinstance(decision, KeepRaw):
             return self._keep_raw(tensor, module_name, record, decision.reason)
         region = self._store(tensor, module_name, decision)
@@ -332,6 +347,7 @@ class _Forward:
             )
         start = time.perf_counter()
         chained = self.compressor.block_deltas and module_name in self.policy.checkpointed_modules
+        chained = chained and self.recomputing is None
         base = self._chain_base(decision.matrix) if chained else None
         result = self.compressor.factorize(module_name, tensor, decision, base)
         # On a side stream this is the time to launch the work, not to run it.
@@ -383,7 +399,12 @@ class _Forward:
     def tracking_modules(self) -> Iterator[None]:
         """Keep ``module_stack`` equal to the qualified names of the modules now running."""
         handles = []
-        for name, module in self.compressor.model.named_modules():
+        model = self.compressor.model
+        if self.recomputing is None:
+            modules = model.named_modules()
+        else:  # only the recomputed block runs
+            modules = model.get_submodule(self.recomputing).named_modules(prefix=self.recomputing)
+        for name, module in modules:
             if isinstance(module, torch.jit.ScriptModule):
                 continue  # takes no hooks: what it saves counts for the module that calls it
             handles.append(module.register_forward_pre_hook(functools.partial(self._enter_module, name)))
@@ -439,6 +460,7 @@ _GENERATORS: weakref.WeakKeyDictionary[nn.Module, dict[int, dict[torch.device, t
 
 
 _NOT_ACTIVATIONS = frozenset({policy.PARAMETER, policy.IN_BACKWARD, policy.UNSUPPORTED})
+_NEVER_FACTORIZED = frozenset({policy.NOT_FLOATING, policy.NOT_MATRIX, policy.EMPTY})
 _HINTS = {
     policy.SMALL: "smaller than min_bytes",
     policy.NARROW: "narrower than min_width",
@@ -457,7 +479,9 @@ def warn_if_nothing_compressed(stats: CompressionStats) -> None:
     if not activations:
         why = "no activation reached LoRAct's saved-tensor hook (was the forward run inside the capture?)"
     else:
-        reason = max(activations, key=activations.__getitem__)
+        # Integer ids, scalars and empty tensors are never factorized; the rest says what to change.
+        tunable = {r: c for r, c in activations.items() if r not in _NEVER_FACTORIZED} or activations
+        reason = max(tunable, key=tunable.__getitem__)
         kept = ", ".join(f"{name}={count}" for name, count in sorted(activations.items()))
         why = f"every activation was kept raw ({kept}); most were {_HINTS.get(reason, reason)}"
-    warnings.warn(f"LoRAct compressed nothing in the first training forward: {why}.", stacklevel=3)
+    warnings.warn(f"LoRAct compressed nothing in the first training forward: {why}.", stacklevel=4)

@@ -41,8 +41,8 @@ class LoRAct(StepCaptureCallback):
 
     Args:
         rank, method, min_bytes, layers, saved_by, min_width, checkpoint, compress_outside, seed,
-        power_iters, oversample, keep_row_norms, block_deltas, max_error, min_rank, max_rank,
-        side_stream, factor_dtype: the compression options, by name, with the same defaults; each is
+        power_iters, oversample, keep_row_norms, block_deltas, compress_recompute, max_error,
+        min_rank, max_rank, side_stream, factor_dtype: the compression options, by name, with the same defaults; each is
         described, with its measured effect, in :class:`~loract_lightning.options.CompressionOptions`
         (the only full description; a bad value raises the error it documents). They are flat
         here so that YAML ``init_args`` and ``--trainer.callbacks`` can set them.
@@ -77,6 +77,7 @@ class LoRAct(StepCaptureCallback):
         oversample: int | None = None,
         keep_row_norms: bool | None = None,
         block_deltas: bool = True,
+        compress_recompute: bool = False,
         max_error: float = 0.2,
         min_rank: int = 64,
         max_rank: int | float = 0.5,
@@ -97,6 +98,7 @@ class LoRAct(StepCaptureCallback):
             oversample=oversample,
             keep_row_norms=keep_row_norms,
             block_deltas=block_deltas,
+            compress_recompute=compress_recompute,
             max_error=max_error,
             min_rank=min_rank,
             max_rank=max_rank,

@@ -118,6 +118,14 @@ class CompressionOptions:
             factorization per block input in the forward; in backward, blocks rebuilt in reverse
             order cost one product each, others one per predecessor. No effect in default mode;
             False factorizes each block input on its own.
+        compress_recompute: layer mode: recompute each checkpointed block in backward under
+            default mode's rule (what ``saved_by`` modules save as factors at ``rank``/``layers``,
+            masks exactly), so that the block's backward holds its working set compressed
+            rather than raw: what sets the peak at long context. The recompute then runs through
+            LoRAct's own checkpoint (reentrant: it backpropagates through the recomputed block
+            inside backward, so it takes ``loss.backward()``, not ``torch.autograd.grad``)
+            instead of PyTorch's non-reentrant one, and factorizes again in backward. False:
+            PyTorch's checkpoint, the recompute's saved tensors raw.
         max_error: ``rank="auto"``: the relative Frobenius error each activation may have, in (0, 1).
         min_rank: the fewest directions a fractional rank (``rank``, ``layers`` or ``max_rank``
             values that are floats) or ``"auto"`` gives, where the matrix allows (an int >= 1;
@@ -162,6 +170,7 @@ class CompressionOptions:
     oversample: int | None = None
     keep_row_norms: bool | None = None
     block_deltas: bool = True
+    compress_recompute: bool = False
     max_error: float = 0.2
     min_rank: int = 64
     max_rank: int | float = 0.5
@@ -202,6 +211,7 @@ class CompressionOptions:
         check_flag("side_stream", self.side_stream)
         check_flag("compress_outside", self.compress_outside)
         check_flag("block_deltas", self.block_deltas)
+        check_flag("compress_recompute", self.compress_recompute)
         check_choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
         if isinstance(self.checkpoint, str) or not all(isinstance(c, str) for c in self.checkpoint or ()):
             raise TypeError(

@@ -192,26 +192,33 @@ class SelectionPolicy:
         self._modules_by_name = dict(model.named_modules())
         self._saved_by_target: dict[str, bool] = {}
 
-    def not_an_activation(self, tensor: Tensor, parameters: ParameterIndex) -> str | None:
-        """Why ``tensor`` is not an activation of this forward (it stays raw, uncounted), or None."""
-        if torch._C._current_graph_task_id() != -1:
-            return IN_BACKWARD  # saved during backward (a recompute): it lives only until backward ends
+    def not_an_activation(self, tensor: Tensor, parameters: ParameterIndex, recomputing: bool = False) -> str | None:
+        """Why ``tensor`` is not an activation of this forward (it stays raw, uncounted), or None.
+
+        ``recomputing``: the forward is layer mode's recompute of a block in backward
+        (``compress_recompute``), whose saved tensors are activations too.
+        """
+        if torch._C._current_graph_task_id() != -1 and not recomputing:
+            return IN_BACKWARD  # saved during backward: it lives only until backward ends
         if type(tensor) is not torch.Tensor or tensor.layout != torch.strided:
             # Parameter objects, tensor subclasses (DTensor, ...) and sparse tensors: no plain storage to read.
             return PARAMETER if isinstance(tensor, nn.Parameter) else UNSUPPORTED
         return PARAMETER if tensor in parameters else None
 
-    def decide(self, tensor: Tensor, module_name: str, storage_kept_raw: bool) -> Decision:
+    def decide(self, tensor: Tensor, module_name: str, storage_kept_raw: bool, recomputing: bool = False) -> Decision:
         """What to do with the activation ``tensor`` that module ``module_name`` saved.
 
         ``storage_kept_raw``: another tensor of the same storage is already kept raw in this
-        forward, so a compact copy would only add memory. Reasons judged from metadata come first;
-        the values are read only for a tensor that may be stored in compact form.
+        forward, so a compact copy would only add memory. ``recomputing``: a block's recompute
+        in backward, where default mode's rule (``saved_by``) applies to everything. Reasons
+        judged from metadata come first; the values are read only for a tensor that may be
+        stored in compact form.
         """
         if self.measure_only:
             return KeepRaw(MEASURE_ONLY)
         reason = structural_reason(tensor, self.options.min_bytes, self.options.min_width)
-        reason = reason or self._module_reason(module_name)
+        if reason is None:
+            reason = self._saved_by_reason(module_name) if recomputing else self._module_reason(module_name)
         if reason is None and storage_kept_raw:
             reason = STORAGE_KEPT_RAW
         rank_spec = self.ranks.rank_for(module_name) if reason is None else None
@@ -241,6 +248,9 @@ class SelectionPolicy:
             return None  # layer mode: a checkpointed module's input, whatever the module's class
         if self.checkpointed_modules and not self.options.compress_outside:
             return OUTSIDE_CHECKPOINT
+        return self._saved_by_reason(module_name)
+
+    def _saved_by_reason(self, module_name: str) -> str | None:
         return None if self._is_saved_by_target(module_name) else OTHER_MODULE
 
     def _is_saved_by_target(self, module_name: str) -> bool:

@@ -108,8 +108,8 @@ def spy_on_pack(compressor: ActivationCompressor) -> list[dict]:
     calls = []
     start_forward = compressor._start_forward
 
-    def start_spied_forward():
-        forward = start_forward()
+    def start_spied_forward(*args, **kwargs):
+        forward = start_forward(*args, **kwargs)
         pack = forward.pack
 
         def spied_pack(tensor):
@@ -117,6 +117,7 @@ def spy_on_pack(compressor: ActivationCompressor) -> list[dict]:
             calls.append(
                 {
                     "module": forward.module_stack[-1] if forward.module_stack else "",
+                    "recomputing": forward.recomputing,  # the block whose recompute saved it, or None
                     "tensor": tensor,
                     "packed": packed,
                     # Kept raw: the hook kept the tensor itself, detached (same memory, same view).
