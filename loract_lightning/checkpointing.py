@@ -206,23 +206,33 @@ def _checkpointed_forward(module: nn.Module, name: str, forward, hook, recompute
         if innermost is None or innermost[0] is not hook:
             _warn_enclosed(name)
             return forward(*args, **kwargs)
-        # Tensor keyword arguments are moved into the positional ones: checkpoint saves only
-        # positional tensors through saved-tensor hooks (keyword ones it keeps by reference).
         args, kwargs = without_cache(args, kwargs)
-        tensor_keys = [key for key, value in kwargs.items() if isinstance(value, Tensor)]
-        other_kwargs = {key: value for key, value in kwargs.items() if key not in tensor_keys}
+        # Every tensor argument goes in positionally, each distinct tensor once: checkpoint saves
+        # only positional tensors through saved-tensor hooks (keyword ones it keeps by reference),
+        # and a block called as ``attention(h, h, h)`` must see one tensor three times in its
+        # recompute too (it may branch on ``query is key``).
+        keys, values = list(kwargs), [*args, *kwargs.values()]
+        distinct: list[Tensor] = []
+        slots: list[int | None] = []
+        for value in values:
+            slot = next((i for i, tensor in enumerate(distinct) if tensor is value), None)
+            if slot is None and isinstance(value, Tensor):
+                distinct.append(value)
+                slot = len(distinct) - 1
+            slots.append(slot)
+        constants = [None if slot is not None else value for slot, value in zip(slots, values, strict=True)]
         num_args = len(args)
+        buffers = ForwardBuffers(module)
 
-        def call(*flat_args):
-            tensor_kwargs = dict(zip(tensor_keys, flat_args[num_args:], strict=True))
-            # RecomputeInContext puts the buffers back itself, once its backward is done.
-            with buffers_kept_in_recompute(module) if recompute is None else contextlib.nullcontext():
-                return forward(*flat_args[:num_args], **tensor_kwargs, **other_kwargs)
+        def call(*tensors):
+            values = [tensors[s] if s is not None else c for s, c in zip(slots, constants, strict=True)]
+            # RecomputeInContext sets the buffers itself, around its recompute and backward.
+            with buffers.as_in_forward() if recompute is None else contextlib.nullcontext():
+                return forward(*values[:num_args], **dict(zip(keys, values[num_args:], strict=True)))
 
-        flat_args = (*args, *(kwargs[key] for key in tensor_keys))
         if recompute is None:
-            return checkpoint(call, *flat_args, use_reentrant=False)
-        return RecomputeInContext.run(call, functools.partial(recompute, name), module, *flat_args)
+            return checkpoint(call, *distinct, use_reentrant=False)
+        return RecomputeInContext.run(call, functools.partial(recompute, name), buffers, *distinct)
 
     return run
 
@@ -239,19 +249,20 @@ class RecomputeInContext(torch.autograd.Function):
     """
 
     @staticmethod
-    def run(function: Callable, recompute_context: Callable[[], AbstractContextManager], module: nn.Module, *args):
-        """``function(*args)``, recomputed in backward inside ``recompute_context()``; ``module``'s
-        buffers are put back after that backward, as the forward left them."""
+    def run(function: Callable, recompute_context: Callable[[], AbstractContextManager], buffers, *args):
+        """``function(*args)``, recomputed in backward inside ``recompute_context()`` with
+        ``buffers`` (:class:`ForwardBuffers`) as the forward found them, and put back as it left
+        them after that backward."""
         # A tensor that requires grad, so that the output does even when no input does (the
         # first block of a model whose embeddings are frozen), and backward reaches the block.
         anchor = torch.empty(0, requires_grad=True)
         structure: list = []
-        leaves = RecomputeInContext.apply(anchor, (function, recompute_context, module), structure, *args)
+        leaves = RecomputeInContext.apply(anchor, (function, recompute_context, buffers), structure, *args)
         return pytree.tree_unflatten(list(leaves), structure[0])
 
     @staticmethod
     def forward(ctx, anchor, call, structure, *args):
-        ctx.function, ctx.recompute_context, ctx.module = call
+        ctx.function, ctx.recompute_context, ctx.buffers = call
         function = ctx.function
         ctx.tensor_positions = [i for i, arg in enumerate(args) if isinstance(arg, Tensor)]
         ctx.other_args = [None if isinstance(arg, Tensor) else arg for arg in args]
@@ -273,7 +284,7 @@ class RecomputeInContext(torch.autograd.Function):
         args = list(ctx.other_args)
         for position, tensor in zip(ctx.tensor_positions, ctx.saved_tensors, strict=True):
             args[position] = tensor.detach().requires_grad_(ctx.needs_input_grad[3 + position])
-        with buffers_kept_in_recompute(ctx.module):
+        with ctx.buffers.as_in_forward():
             return RecomputeInContext._recompute_and_backpropagate(ctx, args, grads)
 
     @staticmethod
@@ -299,24 +310,35 @@ class RecomputeInContext(torch.autograd.Function):
         return (None, None, None, *input_grads)
 
 
-@contextmanager
-def buffers_kept_in_recompute(module: nn.Module) -> Iterator[None]:
-    """In backward's recompute of ``module``, put its buffers back as the forward left them.
+class ForwardBuffers:
+    """A checkpointed module's buffers as its forward found them, for its recompute in backward.
 
-    The recompute runs the module in train mode again: BatchNorm would update its running
-    statistics (and ``num_batches_tracked``) a second time.
+    A block that reads state it also updates (spectral norm's power iteration, a VQ codebook's
+    moving average) must be recomputed with the values its forward read, and a recompute must
+    not update them again (BatchNorm's running statistics): :meth:`as_in_forward` sets them for
+    the recompute and puts back what the forward left.
     """
-    buffers = list(module.buffers())
-    if torch._C._current_graph_task_id() == -1 or not buffers:  # the forward itself
-        yield
-        return
-    kept = [buffer.clone() for buffer in buffers]
-    try:
-        yield
-    finally:
+
+    def __init__(self, module: nn.Module) -> None:
+        self.buffers = list(module.buffers())
         with torch.no_grad():
-            for buffer, value in zip(buffers, kept, strict=True):
+            self.found = [buffer.clone() for buffer in self.buffers]
+
+    @contextmanager
+    def as_in_forward(self) -> Iterator[None]:
+        if torch._C._current_graph_task_id() == -1 or not self.buffers:  # the forward itself
+            yield
+            return
+        with torch.no_grad():
+            left = [buffer.clone() for buffer in self.buffers]
+            for buffer, value in zip(self.buffers, self.found, strict=True):
                 buffer.copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, value in zip(self.buffers, left, strict=True):
+                    buffer.copy_(value)
 
 
 def _warn_enclosed(name: str) -> None:

@@ -46,11 +46,12 @@ class ParameterIndex:
     """Recognises the parameters and buffers of ``model``, and tensors computed from them alone,
     in whatever form autograd saves them (see the module docstring)."""
 
-    _HISTORY_DEPTH = 4
+    _HISTORY_DEPTH = 8
     # Autograd nodes that only cast or re-view their single input.
     _CAST_OR_VIEW = frozenset(
         {
             "ToCopyBackward",
+            "CloneBackward",  # matmul's contiguous copy of a broadcast weight
             "TBackward",
             "TransposeBackward",
             "PermuteBackward",
@@ -73,20 +74,23 @@ class ParameterIndex:
         plain = [t for t in (getattr(t, "_local_tensor", t) for t in tensors) if owns_storage(t)]
         self._storages = {t.untyped_storage().data_ptr() for t in plain if t.numel() > 0}
         self._by_shape: dict[tuple[int, ...], list[Tensor]] = {}
+        self._by_matrix_shape: dict[tuple[int, ...], list[Tensor]] = {}
         for tensor in plain:
             if tensor.ndim >= 2 and tensor.is_floating_point():
                 self._by_shape.setdefault(tuple(tensor.shape), []).append(tensor)
+                self._by_matrix_shape.setdefault(tuple(tensor.shape[-2:]), []).append(tensor)
         self._derived: dict[int, StorageWeakRef] = {}
         """Storages computed from parameters alone in this forward, by address."""
-        self._quantized_call_inputs: list[set[int]] = []
-        """For each call on a quantized weight now running: its plain inputs' storages."""
+        self._running_calls: list[set[int]] = []
+        """For each call now running on parameter-like inputs (see :meth:`running`): the storages
+        among what it saves that may be activations (its own plain activation inputs)."""
 
     def __contains__(self, tensor: Tensor) -> bool:
         """Whether the saved ``tensor`` is parameter-like (never an activation)."""
         if self.holds(tensor):
             return True
-        if self._quantized_call_inputs and tensor.untyped_storage().data_ptr() not in self._quantized_call_inputs[-1]:
-            return True  # made inside the quantized weight's own code: its dequantized copy
+        if self._running_calls and tensor.untyped_storage().data_ptr() not in self._running_calls[-1]:
+            return True  # made from the weights inside the call (a dequantized copy, exp's output)
         if tensor.grad_fn is not None:
             return self._history_reaches_parameter(tensor)
         return tensor.ndim >= 2 and self._is_cast_copy(tensor)
@@ -119,6 +123,16 @@ class ParameterIndex:
             tensor.grad_fn.metadata[_DERIVED] = True
 
     @contextmanager
+    def running(self, activation_inputs: list[Tensor]) -> Iterator[None]:
+        """Inside the block, a call on parameter-like inputs runs: what it saves is parameter-like
+        unless it is one of ``activation_inputs`` (or a view of one)."""
+        self._running_calls.append({t.untyped_storage().data_ptr() for t in activation_inputs if owns_storage(t)})
+        try:
+            yield
+        finally:
+            self._running_calls.pop()
+
+    @contextmanager
     def tracking(self) -> Iterator[None]:
         """Mark, inside the block, what torch calls compute from parameters and buffers alone."""
         with _DerivedFromParameters(self):
@@ -142,8 +156,12 @@ class ParameterIndex:
 
     def _is_cast_copy(self, tensor: Tensor) -> bool:
         """Whether ``tensor`` has the shape of a parameter (of any rank: conv weights are 4-D) and
-        the same leading values, or is the transpose of a 2-D one (``F.linear`` saves ``weight.t()``)."""
-        for param in self._by_shape.get(tuple(tensor.shape), []):
+        the same leading values, is the transpose of a 2-D one (``F.linear`` saves ``weight.t()``),
+        or a broadcast copy of one (``matmul`` copies a per-head weight out to every batch)."""
+        candidates = self._by_shape.get(tuple(tensor.shape), [])
+        if tensor.ndim > 2:
+            candidates = candidates + self._by_matrix_shape.get(tuple(tensor.shape[-2:]), [])
+        for param in candidates:
             if torch.equal(_head(tensor), _head(param).to(tensor.dtype)):
                 return True
         if tensor.ndim == 2:
@@ -169,32 +187,50 @@ class _DerivedFromParameters(TorchFunctionMode):
         if torch.compiler.is_compiling():  # traced by torch.compile: nothing real to mark
             return func(*args, **kwargs)
         if func in _TAKES_WEIGHT:
-            # Whatever a linear or conv layer is given as its weight is a weight, even when it was
-            # computed from the input too (MAML's fast weights): never an activation to factorize.
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            if isinstance(weight, Tensor):
-                self.index.mark(weight)
+            args, kwargs = self._with_marked_weight(func, args, kwargs)
         inputs = _tensors_in(args) + _tensors_in(kwargs)
-        if any(not owns_storage(tensor) and self.index.holds(tensor) for tensor in inputs):
-            result = self._call_on_quantized_weight(func, inputs, args, kwargs)
-        else:
-            result = func(*args, **kwargs)
-        outputs = _tensors_in(result)
-        # Most calls (sizes, dtypes, ...) return no tensor: nothing to mark.
-        if outputs and inputs and all(self.index.holds(tensor) for tensor in inputs):
-            for tensor in outputs:
+        held = [self.index.holds(tensor) for tensor in inputs]
+        if inputs and all(held):
+            # Computed from the weights alone: so is all it saves (exp and tanh save their output
+            # before it returns) and all it returns.
+            with self.index.running([]):
+                result = func(*args, **kwargs)
+            for tensor in _tensors_in(result):
                 self.index.mark(tensor)
-        return result
+            return result
+        if any(is_held and not owns_storage(t) for t, is_held in zip(inputs, held, strict=True)):
+            # A quantized weight: what the call saves beyond its plain inputs (the weight's
+            # dequantized copy) was made from the weight.
+            with self.index.running([t for t, is_held in zip(inputs, held, strict=True) if not is_held]):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
 
-    def _call_on_quantized_weight(self, func, inputs: list[Tensor], args, kwargs):
-        """Run a call that takes a quantized weight (a parameter of a tensor subclass), noting its
-        plain inputs: whatever else it saves was made from the weight inside the call."""
-        plain = {tensor.untyped_storage().data_ptr() for tensor in inputs if owns_storage(tensor)}
-        self.index._quantized_call_inputs.append(plain)
-        try:
-            return func(*args, **kwargs)
-        finally:
-            self.index._quantized_call_inputs.pop()
+    def _with_marked_weight(self, func, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Mark what a linear or conv layer is given as its weight: a weight, even when it was
+        computed from the input too (MAML's fast weights), never an activation to factorize.
+
+        Under autocast, a weight with no autograd history (computed from frozen parameters) is
+        cast here rather than inside the call, where the copy would be made out of sight.
+        """
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        if not isinstance(weight, Tensor):
+            return args, kwargs
+        self.index.mark(weight)
+        device = weight.device.type
+        autocast_copy = (
+            func is not F.bilinear
+            and weight.dtype == torch.float32
+            and weight.grad_fn is None
+            and id(weight) not in self.index._ids  # a parameter's copy is found by its values
+            and torch.is_autocast_enabled(device)
+        )
+        if not autocast_copy:
+            return args, kwargs
+        cast = weight.to(torch.get_autocast_dtype(device))
+        self.index.mark(cast)
+        if len(args) > 1:
+            return (args[0], cast, *args[2:]), kwargs
+        return args, kwargs | {"weight": cast}
 
 
 _TAKES_WEIGHT = frozenset(

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import flat_gradients
 from torch import nn
+from torch.nn.utils import parametrizations
 from torch.utils.checkpoint import checkpoint
 
 from loract_lightning import compress_activations
@@ -111,3 +112,50 @@ def test_batch_norm_statistics_are_updated_once_per_step_in_layer_mode():
     torch.testing.assert_close(compressed, reference)
     for (name, buffer), expected in zip(model.named_buffers(), reference_model.buffers(), strict=True):
         torch.testing.assert_close(buffer, expected, msg=f"buffer {name}")
+
+
+class SpectralBlock(nn.Module):
+    """Reads state its forward updates: spectral norm's power iteration moves ``u`` and ``v``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = parametrizations.spectral_norm(nn.Linear(WIDTH, WIDTH))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.linear(x))
+
+
+class SelfAttention(nn.Module):
+    """``attention(h, h, h)``: one tensor as query, key and value, which the attention checks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(WIDTH, WIDTH)
+        self.attention = nn.MultiheadAttention(WIDTH, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.inp(x)
+        return self.attention(hidden, hidden, hidden, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("compress_recompute", [False, True])
+@pytest.mark.parametrize(
+    "build, target",
+    [
+        (lambda: nn.Sequential(nn.Linear(WIDTH, WIDTH), SpectralBlock(), SpectralBlock()), "SpectralBlock"),
+        (SelfAttention, "MultiheadAttention"),
+    ],
+    ids=["state_read_and_updated", "one_tensor_three_arguments"],
+)
+def test_the_recompute_sees_what_the_forward_saw(build, target, compress_recompute):
+    torch.manual_seed(0)
+    model = build().train()
+    state = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 32, WIDTH)
+    reference = step(model, x)
+    expected_buffers = {name: value.clone() for name, value in model.named_buffers()}
+    model.load_state_dict(state)
+    options = {"rank": 1.0, "min_bytes": 0, "checkpoint": [target], "compress_recompute": compress_recompute}
+    torch.testing.assert_close(step(model, x, **options), reference)
+    for name, value in model.named_buffers():
+        torch.testing.assert_close(value, expected_buffers[name], msg=f"buffer {name}")

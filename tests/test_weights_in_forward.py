@@ -166,3 +166,64 @@ def test_only_what_depends_on_the_input_is_factorized_in_wav2vec2():
     factorized = [tuple(call["tensor"].shape) for call in calls if is_factorized(call["packed"])]
     assert factorized
     assert conv_weight_shape not in factorized
+
+
+class PositiveLinear(nn.Linear):
+    """A weight made by an op that saves its own output (exp): saved before the call returns."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, torch.exp(self.weight) * 0.01, self.bias)
+
+
+class PerHead(nn.Module):
+    """A per-head weight broadcast by ``matmul``, which saves a contiguous copy of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(WIDTH, WIDTH, bias=False)
+        self.weight = nn.Parameter(torch.randn(4, WIDTH // 4, 32) / 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        heads = self.first(x).view(batch, tokens, 4, WIDTH // 4).transpose(1, 2)
+        return torch.matmul(heads, self.weight)
+
+
+@pytest.mark.parametrize("saved_by", ["default", None])
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("name", ["exp_weight", "per_head_weight"])
+def test_weights_made_inside_a_call_are_never_factorized(name, frozen, saved_by):
+    torch.manual_seed(0)
+    model = {"exp_weight": lambda: with_second_layer(PositiveLinear(WIDTH, WIDTH)), "per_head_weight": PerHead}[name]()
+    model.train()
+    if frozen:  # no autograd history leads back to the weight: its copy is found by its values
+        for param_name, param in model.named_parameters():
+            param.requires_grad_(param_name.startswith("0.") or param_name.startswith("first."))
+    x = low_rank_batch()
+    reference, _ = gradients(model, x, None)
+    options = CompressionOptions(
+        rank=16, min_bytes=0, min_width=0, **({} if saved_by == "default" else {"saved_by": None})
+    )
+    compressed, _ = gradients(model, x, options)
+    error = ((compressed - reference).norm() / reference.norm()).item()
+    assert error < 1e-4, f"{name}: gradient error {error:.3g} (a weight was factorized)"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_frozen_weight_computed_in_forward_is_not_factorized_under_autocast(dtype):
+    """A GAN's generator step: the discriminator is frozen and spectral-normed, its weights are
+    computed in every forward and cast by autocast without any autograd history."""
+    torch.manual_seed(0)
+    generator = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH))
+    critic = nn.Sequential(parametrizations.spectral_norm(nn.Linear(WIDTH, WIDTH)), nn.Linear(WIDTH, 1))
+    critic.requires_grad_(False)
+    model = nn.Sequential(generator, critic).train()
+    state = copy.deepcopy(model.state_dict())
+    x = low_rank_batch()
+    compressor = ActivationCompressor(model, CompressionOptions(rank=16, min_bytes=0))
+    calls = spy_on_pack(compressor)
+    with torch.autocast("cpu", dtype=dtype), compressor.capture():
+        model(x).float().mean().backward()
+    model.load_state_dict(state)
+    weight_shaped = [call for call in calls if tuple(call["tensor"].shape) == (WIDTH, WIDTH)]
+    assert weight_shaped and not any(is_factorized(call["packed"]) for call in weight_shaped)
