@@ -316,14 +316,18 @@ def make_compressor(model: nn.Module, setting: Setting, args: argparse.Namespace
 
 
 class Recorder:
-    """Watches a compressor's forwards to find the storages it packed (factors or masks)."""
+    """Watches a compressor's forwards to find the storages it packed (factors or masks); a
+    block's recompute in backward (``compress_recompute``) is not part of the forward's memory."""
 
     def __init__(self, compressor: ActivationCompressor) -> None:
-        self.records: dict[int, tuple[int, object]] = {}
+        # storage record -> (its bytes, whether kept raw, the regions built from it)
+        self.records: dict[int, tuple[int, object, dict[int, object]]] = {}
         start_forward = compressor._start_forward  # the engine's one seam for watching pack calls
 
-        def start_recorded_forward():
-            forward = start_forward()
+        def start_recorded_forward(*args, **kwargs):
+            forward = start_forward(*args, **kwargs)
+            if forward.recomputing is not None:
+                return forward
             pack = forward.pack
 
             def recorded_pack(tensor: Tensor):
@@ -331,7 +335,8 @@ class Recorder:
                 if isinstance(out, PackedTensor):
                     record = forward.records.get((tensor.device, tensor.untyped_storage().data_ptr()))
                     if record is not None:
-                        self.records.setdefault(id(record), (tensor.untyped_storage().nbytes(), record))
+                        entry = self.records.setdefault(id(record), (tensor.untyped_storage().nbytes(), record, {}))
+                        entry[2].setdefault(id(out.region), out.region)  # held here: the record's are weak
                 return out
 
             forward.pack = recorded_pack
@@ -341,9 +346,9 @@ class Recorder:
 
     def take(self) -> ClassMemory:
         memory = ClassMemory()
-        for nbytes, record in self.records.values():
+        for nbytes, record, regions in self.records.values():
             memory.saved += nbytes
-            memory.stored += sum(region.nbytes for region in record.regions)
+            memory.stored += sum(region.nbytes for region in regions.values())
             memory.stored += nbytes if record.kept_raw else 0
         self.records = {}
         return memory

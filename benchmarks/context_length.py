@@ -11,6 +11,7 @@ its longest". Step time is measured at the shortest length.
     python benchmarks/context_length.py                                   # SmolLM2, b1, 1024..4096
     python benchmarks/context_length.py --seqs 1024 2048 4096 8192 --lora-dropout 0.0
     python benchmarks/context_length.py --settings ac-chunked layer-chunked --budget-mib 2048
+    python benchmarks/context_length.py --settings ac-chunked layer-recompute-chunked --reuse my_earlier_run.json
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("--seqs", nargs="+", type=int, default=[1024, 2048, 4096], help="sequence lengths")
     parser.add_argument("--budget-mib", type=float, default=None, help="default: AC + chunked loss at the longest")
+    parser.add_argument("--reuse", type=Path, default=None, help="an earlier JSON: rows not measured again")
     parser.set_defaults(
         models=["smollm2"], batch=1, steps=2, settings=[REFERENCE, "layer-chunked"],
         out=RESULTS / "context_length.json",
@@ -47,11 +49,16 @@ def main(argv: list[str] | None = None) -> None:
     if len(args.seqs) < 2 or REFERENCE not in args.settings:
         parser.error(f"give at least two --seqs and keep {REFERENCE!r} in --settings (the ratios are to it)")
     seqs = sorted(args.seqs)
+    earlier = json.loads(args.reuse.read_text())["rows"] if args.reuse else []
     rows = []
     for name in args.models:
         for key in args.settings:
             for seq in seqs:
                 args.seq = seq
+                done = [r for r in earlier if (r["model"], r["setting"], r["seq"]) == (name, key, seq)]
+                if done and done[0]["batch"] == args.batch and done[0]["lora_dropout"] == args.lora_dropout:
+                    rows.append(done[0])
+                    continue
                 tic = time.perf_counter()
                 phases = ("time", "memory") if seq == seqs[0] else ("memory",)
                 rows.append(run_setting(name, key, args, phases))

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
+from loract_lightning.packed import check_version, version_probe
 from loract_lightning.policy import has_class
 
 
@@ -223,14 +224,16 @@ def _checkpointed_forward(module: nn.Module, name: str, forward, hook, recompute
         constants = [None if slot is not None else value for slot, value in zip(slots, values, strict=True)]
         num_args = len(args)
         buffers = ForwardBuffers(module)
+        # torch.compile traces PyTorch's own checkpoint, not LoRAct's.
+        pytorch_checkpoint = recompute is None or torch.compiler.is_compiling()
 
         def call(*tensors):
             values = [tensors[s] if s is not None else c for s, c in zip(slots, constants, strict=True)]
             # RecomputeInContext sets the buffers itself, around its recompute and backward.
-            with buffers.as_in_forward() if recompute is None else contextlib.nullcontext():
+            with buffers.as_in_forward() if pytorch_checkpoint else contextlib.nullcontext():
                 return forward(*values[:num_args], **dict(zip(keys, values[num_args:], strict=True)))
 
-        if recompute is None:
+        if pytorch_checkpoint:
             return checkpoint(call, *distinct, use_reentrant=False)
         return RecomputeInContext.run(call, functools.partial(recompute, name), buffers, *distinct)
 
@@ -267,6 +270,9 @@ class RecomputeInContext(torch.autograd.Function):
         ctx.tensor_positions = [i for i, arg in enumerate(args) if isinstance(arg, Tensor)]
         ctx.other_args = [None if isinstance(arg, Tensor) else arg for arg in args]
         ctx.save_for_backward(*(args[i] for i in ctx.tensor_positions))
+        # A Function's saved tensors are packed once forward returns: a write to an input inside
+        # the block would go unseen, and the recompute would read the written values.
+        ctx.input_versions = [(version_probe(args[i]), args[i]._version, args[i].size()) for i in ctx.tensor_positions]
         tensors = [arg for arg in args if isinstance(arg, Tensor)]
         ctx.devices = sorted({tensor.device for tensor in tensors if tensor.device.type == "cuda"}, key=str)
         ctx.rng_states = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.devices])
@@ -281,6 +287,14 @@ class RecomputeInContext(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if not torch.autograd._is_checkpoint_valid():
+            raise RuntimeError(
+                "LoRAct's compressed recompute (layer mode, compress_recompute=True) backpropagates through "
+                "each block with loss.backward(); it cannot serve torch.autograd.grad or backward(inputs=...). "
+                "Set compress_recompute=False to use PyTorch's checkpoint instead."
+            )
+        for probe, version, size in ctx.input_versions:
+            check_version(probe, version, size)
         args = list(ctx.other_args)
         for position, tensor in zip(ctx.tensor_positions, ctx.saved_tensors, strict=True):
             args[position] = tensor.detach().requires_grad_(ctx.needs_input_grad[3 + position])

@@ -304,7 +304,9 @@ class _Forward:
         self.last_block: tuple[weakref.ref[LowRankFactors], Tensor] | None = None
         """``block_deltas``: the last checkpointed block input's factors (held by its graph) and
         rebuilt matrix."""
-        self.outer_hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        # A recompute runs in backward: the hooks in place then are not the forward's.
+        outer_hooks = torch._C._autograd._top_saved_tensors_default_hooks(False) if recomputing is None else None
+        self.outer_hooks = outer_hooks
         """The saved-tensor hooks in place before LoRAct's (``save_on_cpu``): what LoRAct keeps raw
         goes to them, as it would without LoRAct."""
 

@@ -170,7 +170,7 @@ class CompressionOptions:
     oversample: int | None = None
     keep_row_norms: bool | None = None
     block_deltas: bool = True
-    compress_recompute: bool = False
+    compress_recompute: bool = True
     max_error: float = 0.2
     min_rank: int = 64
     max_rank: int | float = 0.5

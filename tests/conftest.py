@@ -103,13 +103,17 @@ def record_errors(compressor: ActivationCompressor) -> list[float]:
     return errors
 
 
-def spy_on_pack(compressor: ActivationCompressor) -> list[dict]:
-    """Record, for every pack call, which module ran, what the hook returned and whether it kept the tensor raw."""
+def spy_on_pack(compressor: ActivationCompressor, recompute: bool = False) -> list[dict]:
+    """Record, for every pack call of the forward (and with ``recompute`` of each block's
+    compressed recompute in backward), which module ran, what the hook returned and whether it
+    kept the tensor raw."""
     calls = []
     start_forward = compressor._start_forward
 
     def start_spied_forward(*args, **kwargs):
         forward = start_forward(*args, **kwargs)
+        if forward.recomputing is not None and not recompute:
+            return forward
         pack = forward.pack
 
         def spied_pack(tensor):

@@ -35,7 +35,7 @@ def gradients(model: nn.Module, loss_fn, **options) -> tuple[torch.Tensor, list]
     calls = []
     if options:
         compressor = ActivationCompressor(model, CompressionOptions(**options))
-        calls = spy_on_pack(compressor)
+        calls = spy_on_pack(compressor, recompute=True)
         with compressor.capture():
             loss = loss_fn()
     else:
@@ -78,7 +78,7 @@ def test_llama_gradients_match_pytorch_checkpointing(rank):
     ids = torch.randint(0, 1000, (2, 64))
     options = {"rank": rank, "min_rank": 1, "min_bytes": 0, "checkpoint": ["LlamaDecoderLayer"]}
     expected, _ = gradients(model, lambda: model(input_ids=ids, labels=ids).loss)
-    plain, _ = gradients(model, lambda: model(input_ids=ids, labels=ids).loss, **options)
+    plain, _ = gradients(model, lambda: model(input_ids=ids, labels=ids).loss, compress_recompute=False, **options)
     recompressed, _ = gradients(
         model, lambda: model(input_ids=ids, labels=ids).loss, compress_recompute=True, **options
     )
@@ -114,3 +114,27 @@ def test_batch_norm_statistics_move_once_with_the_compressed_recompute():
     torch.testing.assert_close(compressed, expected)
     for (name, buffer), value in zip(model.named_buffers(), reference.buffers(), strict=True):
         torch.testing.assert_close(buffer, value, msg=f"buffer {name}")
+
+
+def test_accumulation_and_retain_graph_are_exact_and_autograd_grad_is_refused_clearly():
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block()).train()
+    batches = [low_rank_input(), low_rank_input(rank=2)]
+    options = CompressionOptions(rank=1.0, min_bytes=0, checkpoint=["Block"], compress_recompute=True)
+
+    def accumulate(compressor: ActivationCompressor | None) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        with compressor.capture() if compressor else torch.enable_grad():
+            for x in batches:
+                loss = model(x).pow(2).mean()
+                loss.backward(retain_graph=True)
+                loss.backward()
+        return flat_gradients(model)
+
+    torch.testing.assert_close(accumulate(ActivationCompressor(model, options)), accumulate(None))
+    x = batches[0].clone().requires_grad_()
+    with ActivationCompressor(model, options).capture():
+        loss = model(x).pow(2).mean()
+    with pytest.raises(RuntimeError, match="compress_recompute=False"):
+        torch.autograd.grad(loss, x)
