@@ -8,14 +8,16 @@ only, so the pack hook asks :class:`ParameterIndex` whether a saved tensor is pa
   spectral norm, pruning masks, a merged LoRA weight ``W + B @ A``, a fused qkv weight built by
   ``torch.cat``, MAML fast weights through ``functional_call``. :meth:`ParameterIndex.tracking`
   watches every torch function call of the forward (a ``TorchFunctionMode``) and marks the
-  outputs of calls whose tensor inputs are all parameter-like;
+  outputs of calls whose tensor inputs are all parameter-like, what such a call saves (``exp``
+  saves its output), and whatever a linear or conv layer takes as its weight;
 - it was made inside a call on a quantized weight (a tensor subclass such as torchao's int8 or
   NF4 weights: the call dequantizes it and autograd saves the plain copy) and is not one of the
   call's own plain inputs;
 - it is an autocast copy of one of those (a new storage made inside the dispatcher, where the
   mode cannot see it): a chain of casts and views leads back to a parameter or to a marked
   tensor, or, for frozen weights (no history at all), its shape and leading values match a
-  parameter.
+  parameter (or a broadcast copy of one). A frozen weight computed in forward is cast in sight
+  of the mode instead.
 
 Marking errs on the safe side: a tensor wrongly taken for parameter-like is only kept raw.
 """
