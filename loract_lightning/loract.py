@@ -35,9 +35,10 @@ class LoRAct(StepCaptureCallback):
     Module names in ``layers`` and ``checkpoint`` are those of ``pl_module.named_modules()``, so
     they start with the attribute that holds the network (``"model.bert.encoder.layer.0.*"``).
 
-    Under ``torch.compile`` the compiled graph's saved tensors are compressed (both modes train as
-    without compile), but module hooks do not run inside compiled code: every saved tensor is
-    attributed to the root module, so ``layers`` overrides do not apply (a warning says so).
+    Under ``torch.compile`` module hooks do not run inside compiled code: every saved tensor is
+    attributed to the root module, so with the default ``saved_by`` nothing is compressed (a
+    warning after the first step says so), ``saved_by=None`` compresses the compiled graph's
+    saved tensors (both modes train as without compile) and ``layers`` overrides do not apply.
 
     Args:
         rank, method, min_bytes, layers, saved_by, min_width, checkpoint, compress_outside, seed,
