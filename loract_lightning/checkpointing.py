@@ -334,7 +334,8 @@ class ForwardBuffers:
     """
 
     def __init__(self, module: nn.Module) -> None:
-        self.buffers = list(module.buffers())
+        # Bool buffers are masks (GPT-2's causal mask, 1 MiB a block), which no forward updates.
+        self.buffers = [buffer for buffer in module.buffers() if buffer.dtype != torch.bool]
         with torch.no_grad():
             self.found = [buffer.clone() for buffer in self.buffers]
 
