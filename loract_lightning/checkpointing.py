@@ -248,11 +248,12 @@ class RecomputeInContext(torch.autograd.Function):
     ``function`` again inside ``recompute_context()`` (with the forward's random state and
     autocast), and backpropagates through that. PyTorch's own checkpoint stores what its
     recompute saves where no saved-tensor hook can reach it; here LoRAct's hooks see it.
-    Outputs may be any nesting of tuples, lists and dicts of tensors.
+    Its arguments are tensors (``run`` passes each distinct tensor argument of the module once);
+    outputs may be any nesting of tuples, lists and dicts of tensors.
     """
 
     @staticmethod
-    def run(function: Callable, recompute_context: Callable[[], AbstractContextManager], buffers, *args):
+    def run(function: Callable, recompute_context: Callable[[], AbstractContextManager], buffers, *args: Tensor):
         """``function(*args)``, recomputed in backward inside ``recompute_context()`` with
         ``buffers`` (:class:`ForwardBuffers`) as the forward found them, and put back as it left
         them after that backward."""
@@ -266,22 +267,18 @@ class RecomputeInContext(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, call, structure, *args):
         ctx.function, ctx.recompute_context, ctx.buffers = call
-        function = ctx.function
-        ctx.tensor_positions = [i for i, arg in enumerate(args) if isinstance(arg, Tensor)]
-        ctx.other_args = [None if isinstance(arg, Tensor) else arg for arg in args]
-        ctx.save_for_backward(*(args[i] for i in ctx.tensor_positions))
+        ctx.save_for_backward(*args)
         # A Function's saved tensors are packed once forward returns: a write to an input inside
         # the block would go unseen, and the recompute would read the written values.
-        ctx.input_versions = [(version_probe(args[i]), args[i]._version, args[i].size()) for i in ctx.tensor_positions]
-        tensors = [arg for arg in args if isinstance(arg, Tensor)]
-        ctx.devices = sorted({tensor.device for tensor in tensors if tensor.device.type == "cuda"}, key=str)
+        ctx.input_versions = [(version_probe(arg), arg._version, arg.size()) for arg in args]
+        ctx.devices = sorted({arg.device for arg in args if arg.device.type == "cuda"}, key=str)
         ctx.rng_states = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.devices])
         ctx.autocast = {
             device: (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
             for device in ("cpu", "cuda")
             if device == "cpu" or ctx.devices
         }
-        leaves, spec = pytree.tree_flatten(function(*args))
+        leaves, spec = pytree.tree_flatten(ctx.function(*args))
         structure.append(spec)
         return tuple(leaves)
 
@@ -295,9 +292,10 @@ class RecomputeInContext(torch.autograd.Function):
             )
         for probe, version, size in ctx.input_versions:
             check_version(probe, version, size)
-        args = list(ctx.other_args)
-        for position, tensor in zip(ctx.tensor_positions, ctx.saved_tensors, strict=True):
-            args[position] = tensor.detach().requires_grad_(ctx.needs_input_grad[3 + position])
+        needs_grad = ctx.needs_input_grad[3:]  # after anchor, call and structure
+        args = [
+            tensor.detach().requires_grad_(needs) for tensor, needs in zip(ctx.saved_tensors, needs_grad, strict=True)
+        ]
         with ctx.buffers.as_in_forward():
             return RecomputeInContext._recompute_and_backpropagate(ctx, args, grads)
 
@@ -320,8 +318,7 @@ class RecomputeInContext(torch.autograd.Function):
         ]
         if pairs:
             torch.autograd.backward([output for output, _ in pairs], [grad for _, grad in pairs])
-        input_grads = [arg.grad if isinstance(arg, Tensor) else None for arg in args]
-        return (None, None, None, *input_grads)
+        return (None, None, None, *(arg.grad for arg in args))
 
 
 class ForwardBuffers:

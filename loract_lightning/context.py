@@ -305,8 +305,7 @@ class _Forward:
         """``block_deltas``: the last checkpointed block input's factors (held by its graph) and
         rebuilt matrix."""
         # A recompute runs in backward: the hooks in place then are not the forward's.
-        outer_hooks = torch._C._autograd._top_saved_tensors_default_hooks(False) if recomputing is None else None
-        self.outer_hooks = outer_hooks
+        self.outer_hooks = torch._C._autograd._top_saved_tensors_default_hooks(False) if recomputing is None else None
         """The saved-tensor hooks in place before LoRAct's (``save_on_cpu``): what LoRAct keeps raw
         goes to them, as it would without LoRAct."""
 
