@@ -7,10 +7,15 @@ and ``profile`` (:meth:`ProfilingTrainer.profile`), which measures the rank each
     loract profile --config configs/text/baseline.yaml --config configs/text/loract.yaml --batches 2
     loract profile --help
 
-Any importable LightningModule/LightningDataModule can be named by ``class_path``. The shipped
-configs name ``examples.*`` classes, which import once ``scripts/setup.sh`` has put the checkout
-on the virtual environment's path; elsewhere put your own module on ``PYTHONPATH``. LoRAct is
-added like any callback::
+Any importable LightningModule/LightningDataModule can be named by ``class_path``; like
+``python -m``, ``loract`` imports from the working directory first, so ``--model my_module.MyModel``
+finds ``./my_module.py`` and, from a checkout's root, the shipped configs find ``examples.*``.
+LoRAct's callbacks are added by their short names, like Lightning's own::
+
+    loract fit --model my_module.MyModel --trainer.callbacks+=LoRAct --trainer.callbacks.rank=0.25
+    loract fit --trainer.callbacks.help LoRAct
+
+or in YAML::
 
     trainer:
       callbacks:
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import traceback
 import warnings
 from typing import Any, NoReturn
@@ -35,7 +41,19 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from loract_lightning.profiling_trainer import ProfilingTrainer
+import loract_lightning
+from loract_lightning.activation_memory_monitor import ActivationMemoryMonitor
+from loract_lightning.loract import LoRAct
+from loract_lightning.profiling_trainer import PROFILING_RUN, ProfilingTrainer
+
+# Imported (above) so that jsonargparse resolves their short names as it does Lightning's callbacks'.
+CALLBACKS = (LoRAct, ActivationMemoryMonitor)
+
+DESCRIPTION = (
+    "loract: train a LightningModule with its saved activations stored as low-rank factors (LoRAct). "
+    "LightningCLI's fit/validate/test/predict, plus `profile` (the rank each module needs). "
+    "Add the callback with --trainer.callbacks+=LoRAct; see its options with --trainer.callbacks.help LoRAct."
+)
 
 
 class _DropLightningTips(logging.Filter):
@@ -54,19 +72,23 @@ def silence_known_warnings() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
 
 
-PROFILING_RUN = {
-    "limit_val_batches": 0, "num_sanity_val_steps": 0, "logger": False, "enable_checkpointing": False,
-}  # fmt: skip
-"""Trainer settings of a ``loract profile`` run: it measures training batches and keeps nothing."""
-
-
 class LoRActArgumentParser(LightningArgumentParser):
     """LightningCLI's parser, whose error for a bad ``init_args`` value of a class in a list (a
     callback) is the one line that names it, not every Union subtype the list could have been."""
 
     @override
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        super().error(_class_problem(message, ex), ex)
+        super().error(_import_hint(_class_problem(message, ex)), ex)
+
+
+def _import_hint(message: str) -> str:
+    """``message``, with where ``loract`` looks for a class path whose module did not import."""
+    if "No module named" not in message:
+        return message
+    return (
+        f"{message} (class paths import from the working directory {os.getcwd()}, PYTHONPATH and the "
+        "installed packages; the shipped configs' examples.* from the root of a loract-lightning checkout)"
+    )
 
 
 def _class_problem(message: str, error: Exception | None) -> str:
@@ -113,12 +135,32 @@ def _raised_in(error: BaseException) -> str:
 
 class LoRActCLI(LightningCLI):
     """LightningCLI whose trainer is a :class:`ProfilingTrainer`, so ``profile`` is one more
-    subcommand, and whose errors for bad values are one line (exit code 2)."""
+    subcommand, whose help describes ``loract`` and has ``--version``, and whose errors for bad
+    values are one line (exit code 2).
+
+    Args:
+        *args: LightningCLI's arguments.
+        **kwargs: LightningCLI's keyword arguments; ``trainer_class`` defaults to :class:`ProfilingTrainer`.
+
+    Example::
+
+        LoRActCLI(args=["fit", "--model", "my_module.MyModel", "--trainer.callbacks+=LoRAct"])
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_class", ProfilingTrainer)
         kwargs.setdefault("parser_class", LoRActArgumentParser)
         super().__init__(*args, **kwargs)
+
+    @override
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        main_kwargs = {"description": DESCRIPTION, **main_kwargs}
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        self.parser.add_argument(
+            "--version", action="version", version=f"loract-lightning {loract_lightning.__version__}"
+        )
 
     @override
     def instantiate_classes(self) -> None:
@@ -150,7 +192,15 @@ class LoRActCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``loract`` console script."""
     silence_known_warnings()
+    import_from_working_directory()
     build_cli(args)
+
+
+def import_from_working_directory() -> None:
+    """Put the working directory first on ``sys.path``, as ``python -m`` does, so that class paths
+    name the user's own modules (``--model my_module.MyModel``) as they would in ``python -m``."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def build_cli(args: list[str] | None, run: bool = True) -> LightningCLI:
@@ -161,7 +211,6 @@ def build_cli(args: list[str] | None, run: bool = True) -> LightningCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
     )
 
 

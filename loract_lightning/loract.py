@@ -40,13 +40,38 @@ class LoRAct(StepCaptureCallback):
     warning after the first step says so), ``saved_by=None`` compresses the compiled graph's
     saved tensors (both modes train as without compile) and ``layers`` overrides do not apply.
 
+    The arguments are :class:`~loract_lightning.options.CompressionOptions`' options, flat so that
+    YAML ``init_args`` and ``--trainer.callbacks`` can set them; each is described in full, with its
+    measured effect, there (and in docs/options.md); a bad value raises the error it documents.
+
     Args:
-        rank, method, min_bytes, layers, saved_by, min_width, checkpoint, compress_outside, seed,
-        power_iters, oversample, keep_row_norms, block_deltas, compress_recompute, max_error,
-        min_rank, max_rank, side_stream, factor_dtype: the compression options, by name, with the same defaults; each is
-        described, with its measured effect, in :class:`~loract_lightning.options.CompressionOptions`
-        (the only full description; a bad value raises the error it documents). They are flat
-        here so that YAML ``init_args`` and ``--trainer.callbacks`` can set them.
+        rank: factor rank: an int, a float in (0, 1] (that fraction of each activation's last
+            dimension, at least ``min_rank``), or ``"auto"`` (the smallest rank within ``max_error``).
+        method: factorization: ``"sampled_qb"`` (the paper's), ``"randomized_svd"`` or
+            ``"truncated_svd"`` (exact and slow).
+        min_bytes: activations smaller than this many bytes stay raw.
+        layers: module-name glob -> rank (or None: keep raw) overriding ``rank``; the first match wins.
+        saved_by: default mode: class names of the modules whose saved tensors are compressed
+            (default: linear layers); None: whatever any module saves.
+        min_width: activations with fewer columns (or rows) than this stay raw; 0 turns it off.
+        checkpoint: layer mode: module class names or globs run under activation checkpointing,
+            only their inputs saved, as factors.
+        compress_outside: layer mode: what is saved outside the checkpointed modules gets default
+            mode's treatment; False keeps it raw.
+        seed: seed of the compressor's own random generator (the global RNG is never drawn from).
+        power_iters: power iterations of the randomized methods (None: the method's default).
+        oversample: extra sketch columns of the randomized methods (None: the method's default).
+        keep_row_norms: rescale each rebuilt row to its original norm (None: on in layer mode only).
+        block_deltas: layer mode: store a block input as its difference from the previous
+            block's where that rebuilds closer.
+        compress_recompute: layer mode: recompute each block in backward with default mode's
+            compression; False uses PyTorch's raw recompute.
+        max_error: ``rank="auto"``: the relative error each activation may have, in (0, 1).
+        min_rank: the fewest directions a fractional or ``"auto"`` rank gives.
+        max_rank: ``rank="auto"``: the largest rank, an int or a fraction.
+        side_stream: on CUDA, factorize on a separate stream; no effect on the CPU.
+        factor_dtype: ``"bfloat16"`` or ``"float16"``: keep float32 activations' factors in this
+            dtype; None: the activation's dtype.
 
     Example::
 

