@@ -192,7 +192,6 @@ class LoRActCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``loract`` console script."""
     silence_known_warnings()
-    import_from_working_directory()
     build_cli(args)
 
 
@@ -205,6 +204,7 @@ def import_from_working_directory() -> None:
 
 def build_cli(args: list[str] | None, run: bool = True) -> LightningCLI:
     """The LightningCLI of ``loract``; ``run=False`` parses and builds the run without running it."""
+    import_from_working_directory()
     return LoRActCLI(
         args=args,
         run=run,
