@@ -21,7 +21,7 @@ from loract_lightning.cli import build_cli, main
 # main() is given its arguments; pytest's own command line is not meant for it.
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is intended")
 
-USER_MODULE = '''
+USER_MODULE = """
 import torch
 from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader, TensorDataset
@@ -43,7 +43,7 @@ class MyModel(LightningModule):
     def train_dataloader(self):
         x = torch.randn(256, self.width, generator=torch.Generator().manual_seed(0))
         return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=64)
-'''
+"""
 
 
 @pytest.fixture
