@@ -26,8 +26,9 @@ class ActivationMemoryMonitor(StepCaptureCallback):
 
     **Logged metrics** (through ``trainer.loggers``, every ``log_every_n_steps``):
 
-    - ``memory/activations_saved_bytes``: bytes autograd saved in the step, before compression;
-    - ``memory/activations_stored_bytes``: bytes really held for them (equal to saved when alone);
+    - ``memory/activations_saved_bytes``: alone, bytes autograd saved in the step (beside LoRAct
+      not logged: the same bytes are LoRAct's ``loract/saved_bytes`` and ``loract/stored_bytes``);
+    - ``memory/activations_stored_bytes``: alone, bytes really held for them (equal to saved);
     - ``memory/peak_bytes``: CUDA: peak allocated during the step; CPU: the process's peak
       resident memory during the step (reset every step where Linux allows, else since start);
     - ``memory/reconstruction_error_mean`` and ``_max``: every ``error_every_n_steps``, the
@@ -125,16 +126,16 @@ class ActivationMemoryMonitor(StepCaptureCallback):
         if not should_log(trainer):
             return
         # Every rank reaches this line at the same steps, so the collectives below line up.
-        saved, stored = (
-            float(trainer.strategy.reduce(torch.tensor(float(value), device=device), reduce_op="mean"))
-            for value in (stats.saved_bytes, stats.stored_bytes)
+        metrics = {}
+        if self._loract is None:  # beside LoRAct these bytes are its loract/saved_bytes and stored_bytes
+            saved, stored = (
+                float(trainer.strategy.reduce(torch.tensor(float(value), device=device), reduce_op="mean"))
+                for value in (stats.saved_bytes, stats.stored_bytes)
+            )
+            metrics = {"memory/activations_saved_bytes": saved, "memory/activations_stored_bytes": stored}
+        metrics["memory/peak_bytes"] = float(
+            trainer.strategy.reduce(torch.tensor(float(peak), device=device), reduce_op="max")
         )
-        peak = float(trainer.strategy.reduce(torch.tensor(float(peak), device=device), reduce_op="max"))
-        metrics = {
-            "memory/activations_saved_bytes": saved,
-            "memory/activations_stored_bytes": stored,
-            "memory/peak_bytes": peak,
-        }
         errors = [error for module_errors in self._step_errors.values() for error in module_errors]
         if errors:
             metrics["memory/reconstruction_error_mean"] = sum(errors) / len(errors)

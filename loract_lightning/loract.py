@@ -11,7 +11,7 @@ from typing_extensions import override
 from loract_lightning.context import ActivationCompressor
 from loract_lightning.options import AUTO, LINEAR_LAYERS, CompressionOptions, Method, RankSpec
 from loract_lightning.stats import CompressionStats
-from loract_lightning.step_capture import StepCapture, StepCaptureCallback, log_metrics
+from loract_lightning.step_capture import StepCapture, StepCaptureCallback, log_step_metrics
 
 
 class LoRAct(StepCaptureCallback):
@@ -23,7 +23,9 @@ class LoRAct(StepCaptureCallback):
     recomputation, validation, test, predict and the sanity check are never compressed. At the
     end of fit everything it added is removed and the model is as it was.
 
-    **Logged metrics** (through ``trainer.loggers``, every ``log_every_n_steps``):
+    **Logged metrics** (through ``pl_module.log``: in ``trainer.callback_metrics`` every step, so
+    ``ModelCheckpoint(monitor="loract/ratio")`` sees them, and in ``trainer.logged_metrics`` and the
+    loggers every ``log_every_n_steps``):
 
     - ``loract/saved_bytes``: activation bytes autograd saved in the step, before compression;
     - ``loract/stored_bytes``: bytes really held for them after compression;
@@ -167,7 +169,7 @@ class LoRAct(StepCaptureCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self._log_step(trainer)
+        self._log_step(pl_module)
 
     # -- logging -----------------------------------------------------------------------------
 
@@ -193,7 +195,7 @@ class LoRAct(StepCaptureCallback):
             lines.append(f"  layers[{pattern!r}] -> {self.options.layers[pattern]}: matches {count} modules")
         rank_zero_info("\n".join(lines))
 
-    def _log_step(self, trainer: pl.Trainer) -> None:
+    def _log_step(self, pl_module: pl.LightningModule) -> None:
         stats = self.step_stats
         metrics = {
             "loract/saved_bytes": float(stats.saved_bytes),
@@ -202,7 +204,7 @@ class LoRAct(StepCaptureCallback):
             "loract/compress_ms": stats.compress_seconds * 1e3,
             "loract/mean_rank": stats.mean_rank,
         }
-        log_metrics(trainer, metrics)
+        log_step_metrics(pl_module, metrics)
 
     # -- checkpointing -----------------------------------------------------------------------
 

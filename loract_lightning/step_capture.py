@@ -12,7 +12,8 @@ from Lightning's hooks:
     end_step()     on_train_batch_end                  -> removed
     close()        on_exception, on_fit_end, teardown  -> removed, whatever the state
 
-:func:`log_metrics` is the one way the callbacks send their metrics to ``trainer.loggers``.
+:func:`log_step_metrics` logs a step's metrics as ``training_step`` would (``pl_module.log``);
+:func:`log_metrics` sends metrics that are not measured every step to the loggers only.
 """
 
 from __future__ import annotations
@@ -34,11 +35,25 @@ def should_log(trainer: pl.Trainer) -> bool:
 
 
 def log_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-    """Send ``metrics`` to every logger at the current step, on the steps :func:`should_log` picks."""
+    """Send ``metrics`` straight to every logger, on the steps :func:`should_log` picks: for
+    metrics that are not measured every step (a value logged with ``pl_module.log`` would be
+    sent again, stale, on the steps between)."""
     if not should_log(trainer):
         return
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def log_step_metrics(pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
+    """Log a training step's ``metrics`` through ``pl_module.log_dict``, as ``self.log`` in ``training_step``.
+
+    Called from ``on_train_batch_end``: the values reach ``trainer.callback_metrics`` at once (what
+    ``ModelCheckpoint(monitor=...)`` and ``EarlyStopping`` read, including a ``ModelCheckpoint``
+    that runs later in the same hook), and ``trainer.logged_metrics`` and the loggers on the steps
+    ``log_every_n_steps`` picks. Each rank logs its own values (no collective).
+    """
+    has_logger = bool(pl_module.trainer.loggers)
+    pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, logger=has_logger)
 
 
 class StepCapture:
