@@ -46,6 +46,7 @@ from loract_lightning.packed import (
 from loract_lightning.parameters import ParameterIndex
 from loract_lightning.policy import Factorize, KeepRaw, SelectionPolicy, StoreMask
 from loract_lightning.stats import CompressionStats
+from loract_lightning.wrappers import user_module
 
 
 @functools.cache
@@ -84,7 +85,8 @@ class ActivationCompressor:
 
     Args:
         model: the module whose forward is compressed; its parameters and buffers are never
-            compressed, and its module names are what ``layers`` and ``checkpoint`` match.
+            compressed, and its module names are what ``layers`` and ``checkpoint`` match (of
+            the module under Fabric's wrapper, for a model ``fabric.setup`` returned).
         options: the compression options (default: ``CompressionOptions()``).
         compress: False only measures: every saved tensor is kept raw but counted, so the stats
             show what an uncompressed forward saves, per module.
@@ -121,6 +123,7 @@ class ActivationCompressor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        model = user_module(model)  # under Fabric: module names as the user wrote them
         if options is None:
             options = CompressionOptions()
         if not isinstance(options, CompressionOptions):
