@@ -1,4 +1,4 @@
-"""ActivationMemoryMonitor: where activation memory goes, and what LoRAct saved."""
+"""ActivationMemoryMonitor: where activation memory goes, and what LoRAct stores of it."""
 
 from __future__ import annotations
 
@@ -13,16 +13,20 @@ from typing_extensions import override
 from loract_lightning.checks import check_int
 from loract_lightning.context import ActivationCompressor
 from loract_lightning.linalg import relative_error
-from loract_lightning.report import MemoryReport, require_report_packages
+from loract_lightning.report import MemoryReport, log_figures, require_report_packages
 from loract_lightning.step_capture import StepCapture, StepCaptureCallback, log_metrics, should_log
 
 
 class ActivationMemoryMonitor(StepCaptureCallback):
     r"""Measure the activation memory of every training step, per module.
 
-    Alone, it counts what the training forward saves for backward (nothing is compressed), so you
-    see the possible saving before turning LoRAct on. Beside a :class:`~loract_lightning.LoRAct`
-    callback it reads LoRAct's numbers instead of hooking the model a second time.
+    Alone, it counts what the training forward saves for backward, per module, uncompressed: where
+    activation memory goes, and so which modules LoRAct would work on (its report shows saved bytes
+    only, as nothing is stored differently). Beside a :class:`~loract_lightning.LoRAct` callback it
+    reads LoRAct's numbers instead of hooking the model a second time, and shows saved and stored
+    bytes. In layer mode "saved" is what the checkpointed forward saves (the blocks' inputs and what
+    runs outside them), not what an uncompressed forward saves: run it alone on the same model
+    (without LoRAct) for that figure.
 
     **Logged metrics** (through ``trainer.loggers``, every ``log_every_n_steps``):
 
@@ -38,10 +42,15 @@ class ActivationMemoryMonitor(StepCaptureCallback):
     once, by rank zero.
 
     **Report** at the end of fit, on rank zero: a table of the ``top_k`` modules by saved bytes
-    (saved, stored, ratio, ranks, reconstruction error), and ``activation_memory.csv``,
-    ``activation_memory.json`` and ``activation_memory.png`` (per-module saved vs stored bars,
-    peak memory over the steps) in ``output_dir``, else the first logger's ``log_dir``, else the
-    trainer's ``default_root_dir``.
+    (saved, stored, stored / saved, ranks, reconstruction error; alone: saved and its share), the
+    module names' common prefix dropped and named, 200 columns wide where stdout is not a terminal
+    (a log file, a pipe); and ``activation_memory.csv``, ``activation_memory.json`` and
+    ``activation_memory.png`` (per-module bars, the activation bytes of each step and, on CUDA, the
+    step's peak allocated memory; the CPU's process-wide peak resident memory says nothing about
+    activations and is in the JSON file only) in ``output_dir``, else the first logger's
+    ``log_dir``, else the trainer's ``default_root_dir``. The chart also goes to the loggers that
+    take images: TensorBoard (``add_figure``), Weights & Biases (``log_image``) and MLflow (an
+    artifact), under ``loract/activation_memory``.
 
     The table needs rich and the chart matplotlib, which the core install leaves out: without
     them the constructor raises :class:`ModuleNotFoundError` naming the ``report`` extra
@@ -58,7 +67,7 @@ class ActivationMemoryMonitor(StepCaptureCallback):
         from lightning import Trainer
         from loract_lightning import ActivationMemoryMonitor, LoRAct
 
-        Trainer(callbacks=[ActivationMemoryMonitor()])                                  # what could be saved
+        Trainer(callbacks=[ActivationMemoryMonitor()])  # what the forward saves, per module, uncompressed
         Trainer(callbacks=[LoRAct(rank=0.125), ActivationMemoryMonitor(error_every_n_steps=50)])
     """
 
@@ -88,9 +97,14 @@ class ActivationMemoryMonitor(StepCaptureCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from loract_lightning.loract import LoRAct
 
-        kind = "CUDA peak allocated" if trainer.strategy.root_device.type == "cuda" else "peak resident memory"
-        self.report = MemoryReport(peak_label=kind)
         self._loract = next((c for c in trainer.callbacks if isinstance(c, LoRAct)), None)
+        cuda = trainer.strategy.root_device.type == "cuda"
+        self.report = MemoryReport(
+            peak_label="CUDA peak allocated, all tensors" if cuda else "process peak resident memory, not activations",
+            compressed=self._loract is not None,
+            layer_mode=bool(self._loract is not None and self._loract.options.checkpoint),
+            chart_peaks=cuda,
+        )
         if self._loract is None:
             compressor = ActivationCompressor(pl_module, compress=False)
             self._capture = StepCapture(compressor, several_forwards=not pl_module.automatic_optimization)
@@ -148,7 +162,13 @@ class ActivationMemoryMonitor(StepCaptureCallback):
         self.report.reduce_across_ranks(trainer.strategy, [name for name, _ in pl_module.named_modules()])
         if trainer.is_global_zero:
             self.report.print_table(self.top_k)
-            self.report_files = self.report.write(self._output_dir(trainer), self.top_k)
+            self.report_files, figures = self.report.write(self._output_dir(trainer), self.top_k)
+            pngs = {path.stem: path for path in self.report_files if path.suffix == ".png"}
+            log_figures(trainer.loggers, figures, pngs, trainer.global_step)
+            import matplotlib.pyplot as plt  # the report extra, checked when the monitor was built
+
+            for figure in figures.values():
+                plt.close(figure)
 
     def _close(self) -> None:
         super()._close()

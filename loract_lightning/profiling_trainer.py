@@ -109,7 +109,8 @@ class ProfilingTrainer(pl.Trainer):
         else:
             layers = measured.layers_for_error(max_error)
         print_rank_profile(measured, top_k)
-        files = write_rank_profile(measured, Path(output_dir), layers, top_k, keep_raw)
+        target = max_error if memory_budget is None else None
+        files = write_rank_profile(measured, Path(output_dir), layers, top_k, keep_raw, max_error=target)
         print(layers_yaml(layers, measured.stored_ratio(layers), keep_raw))
         print("written: " + ", ".join(str(path) for path in files))
         return {**dict.fromkeys(keep_raw), **layers}
