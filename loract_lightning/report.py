@@ -286,8 +286,8 @@ class MemoryReport:
 
 def log_figures(loggers: list, figures: dict[str, Figure], files: dict[str, Path], step: int) -> list[str]:
     """Send ``figures`` to the loggers that take images: TensorBoard (``add_figure``), Weights & Biases
-    (``log_image``, from the PNG in ``files``) and MLflow (the PNG as an artifact). Returns the names of
-    the loggers they went to; other loggers (CSV) have the PNG in their folder already, or nothing."""
+    (``log_image``, from the PNG in ``files``) and MLflow (the PNG as an artifact). Returns the kinds
+    of logger they went to; other loggers (CSV) have the PNG in their folder already, or nothing."""
     from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
     sent = []
@@ -295,13 +295,13 @@ def log_figures(loggers: list, figures: dict[str, Figure], files: dict[str, Path
         for name, figure in figures.items():
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure(f"loract/{name}", figure, global_step=step, close=False)
+                sent.append("tensorboard")
             elif isinstance(logger, WandbLogger):
                 logger.log_image(key=f"loract/{name}", images=[str(files[name])], step=step)
+                sent.append("wandb")
             elif isinstance(logger, MLFlowLogger):
                 logger.experiment.log_artifact(logger.run_id, str(files[name]), artifact_path="loract")
-            else:
-                continue
-            sent.append(type(logger).__name__)
+                sent.append("mlflow")
     return sorted(set(sent))
 
 
