@@ -23,9 +23,9 @@ class LoRAct(StepCaptureCallback):
     recomputation, validation, test, predict and the sanity check are never compressed. At the
     end of fit everything it added is removed and the model is as it was.
 
-    **Logged metrics** (through ``pl_module.log``: in ``trainer.callback_metrics`` every step, so
-    ``ModelCheckpoint(monitor="loract/ratio")`` sees them, and in ``trainer.logged_metrics`` and the
-    loggers every ``log_every_n_steps``):
+    **Logged metrics** (through ``pl_module.log``: in ``trainer.callback_metrics`` and
+    ``trainer.logged_metrics`` every step, so ``ModelCheckpoint(monitor="loract/ratio")`` sees them;
+    sent to the loggers every ``log_every_n_steps``):
 
     - ``loract/saved_bytes``: activation bytes autograd saved in the step, before compression;
     - ``loract/stored_bytes``: bytes really held for them after compression;

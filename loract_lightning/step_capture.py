@@ -49,8 +49,9 @@ def log_step_metrics(pl_module: pl.LightningModule, metrics: dict[str, float]) -
 
     Called from ``on_train_batch_end``: the values reach ``trainer.callback_metrics`` at once (what
     ``ModelCheckpoint(monitor=...)`` and ``EarlyStopping`` read, including a ``ModelCheckpoint``
-    that runs later in the same hook), and ``trainer.logged_metrics`` and the loggers on the steps
-    ``log_every_n_steps`` picks. Each rank logs its own values (no collective).
+    that runs later in the same hook) and ``trainer.logged_metrics`` at the end of the batch; the
+    loggers get them on the steps ``log_every_n_steps`` picks. Each rank logs its own values (no
+    collective).
     """
     has_logger = bool(pl_module.trainer.loggers)
     pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, logger=has_logger)
