@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from loract_lightning.packed import check_version, version_probe
 from loract_lightning.policy import has_class
+from loract_lightning.token_chunks import TokenChunks
 
 
 def select_modules(model: nn.Module, targets: Sequence[str]) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
@@ -179,6 +180,7 @@ def checkpointed(
     modules: Mapping[str, nn.Module],
     hook: Callable[[Tensor], object],
     recompute: Callable[[str], AbstractContextManager] | None = None,
+    chunks: TokenChunks | None = None,
 ) -> Iterator[None]:
     """Run each of ``modules`` under activation checkpointing inside the block.
 
@@ -186,12 +188,13 @@ def checkpointed(
     innermost at call time (an enclosing checkpoint, the user's own or the outer recompute of one,
     or ``save_on_cpu``), the module runs as it is, so that forward and recompute do the same thing.
     ``recompute(name)``: a context to recompute module ``name`` in (``compress_recompute``),
-    through :class:`RecomputeInContext`; None: PyTorch's non-reentrant checkpoint.
+    through :class:`RecomputeInContext`; None: PyTorch's non-reentrant checkpoint. ``chunks``:
+    the blocks' MLPs run over chunks of tokens, in the forward and every recompute alike.
     """
     originals = {name: module.__dict__.get("forward") for name, module in modules.items()}
     try:
         for name, module in modules.items():
-            module.forward = _checkpointed_forward(module, name, module.forward, hook, recompute)
+            module.forward = _checkpointed_forward(module, name, module.forward, hook, recompute, chunks)
         yield
     finally:
         for name, module in modules.items():
@@ -201,7 +204,7 @@ def checkpointed(
                 module.forward = originals[name]
 
 
-def _checkpointed_forward(module: nn.Module, name: str, forward, hook, recompute):
+def _checkpointed_forward(module: nn.Module, name: str, forward, hook, recompute, chunks):
     def run(*args, **kwargs):
         innermost = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if innermost is None or innermost[0] is not hook:
@@ -230,7 +233,10 @@ def _checkpointed_forward(module: nn.Module, name: str, forward, hook, recompute
         def call(*tensors):
             values = [tensors[s] if s is not None else c for s, c in zip(slots, constants, strict=True)]
             # RecomputeInContext sets the buffers itself, around its recompute and backward.
-            with buffers.as_in_forward() if pytorch_checkpoint else contextlib.nullcontext():
+            with (
+                buffers.as_in_forward() if pytorch_checkpoint else contextlib.nullcontext(),
+                chunks.running(name) if chunks is not None else contextlib.nullcontext(),
+            ):
                 return forward(*values[:num_args], **dict(zip(keys, values[num_args:], strict=True)))
 
         if pytorch_checkpoint:

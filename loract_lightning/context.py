@@ -31,6 +31,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from loract_lightning import policy
 from loract_lightning.checkpointing import checkpointed, checkpointed_by_others, select_modules
+from loract_lightning.token_chunks import TokenChunks
 from loract_lightning.linalg import METHODS, RANDOMIZED, adaptive_qb, distance, keep_row_norms, row_norm_scale
 from loract_lightning.options import FACTOR_DTYPES, CompressionOptions
 from loract_lightning.packed import (
@@ -135,6 +136,7 @@ class ActivationCompressor:
         self.checkpointed_modules = {**self._modules_to_wrap, **existing}
         """Layer mode: the modules whose saved inputs are compressed (by qualified name)."""
         self.policy = SelectionPolicy(model, options, self.checkpointed_modules, measure_only=not compress)
+        self._token_chunks = TokenChunks(self._modules_to_wrap, options.mlp_chunk_tokens)
         if not self.layer_mode and options.saved_by is not None and (others := checkpointed_by_others(model)):
             warnings.warn(
                 f"LoRAct: {len(others)} module(s) already run under activation checkpointing (e.g. {others[:2]}); "
@@ -172,7 +174,8 @@ class ActivationCompressor:
         pack = forward.pack  # one object: the checkpointed modules look for it on top of the hooks
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
         recompute = self.recompute if self.options.compress_recompute and not self._measure_only else None
-        checkpointing = checkpointed(self._modules_to_wrap, pack, recompute)
+        chunks = None if self._measure_only else self._token_chunks
+        checkpointing = checkpointed(self._modules_to_wrap, pack, recompute, chunks)
         with forward.tracking_modules(), checkpointing, hooks, forward.tracking_weights():
             yield forward.stats
         if self._first_capture and not self._measure_only:

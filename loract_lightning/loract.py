@@ -68,6 +68,8 @@ class LoRAct(StepCaptureCallback):
             block's where that rebuilds closer.
         compress_recompute: layer mode: recompute each block in backward with default mode's
             compression; False uses PyTorch's raw recompute.
+        mlp_chunk_tokens: layer mode: the blocks' MLPs run over chunks of about this many tokens,
+            each recomputed on its own in backward; None: whole.
         max_error: ``rank="auto"``: the relative error each activation may have, in (0, 1).
         min_rank: the fewest directions a fractional or ``"auto"`` rank gives.
         max_rank: ``rank="auto"``: the largest rank, an int or a fraction.
@@ -106,6 +108,7 @@ class LoRAct(StepCaptureCallback):
         keep_row_norms: bool | None = None,
         block_deltas: bool = True,
         compress_recompute: bool = True,
+        mlp_chunk_tokens: int | None = 1024,
         max_error: float = 0.2,
         min_rank: int = 64,
         max_rank: int | float = 0.5,
@@ -127,6 +130,7 @@ class LoRAct(StepCaptureCallback):
             keep_row_norms=keep_row_norms,
             block_deltas=block_deltas,
             compress_recompute=compress_recompute,
+            mlp_chunk_tokens=mlp_chunk_tokens,
             max_error=max_error,
             min_rank=min_rank,
             max_rank=max_rank,

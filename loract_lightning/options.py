@@ -130,6 +130,16 @@ class CompressionOptions:
             ``torch.autograd.grad`` with a clear error; under ``torch.compile`` PyTorch's
             checkpoint is used. False: PyTorch's non-reentrant checkpoint, its recompute's saved
             tensors raw.
+        mlp_chunk_tokens: layer mode: inside each checkpointed block, the MLPs (modules whose
+            class name ends in ``MLP`` or ``Mlp``: transformers' ``LlamaMLP``, ``GPT2MLP``, timm's
+            ``Mlp``, ...) run over chunks of about this many tokens (over the whole batch), each
+            under its own checkpoint: the block's recompute keeps only the MLP's input, and the
+            MLP's backward recomputes one chunk at a time, so the widest part of a block's
+            working set no longer grows with the sequence. Costs one more forward of the MLP
+            in backward, for inputs longer than one chunk only. Each MLP is checked once to act
+            on each token on its own (chunked output equal to whole, dropout off); one that does
+            not runs whole, with a warning. Dropout masks are drawn chunk by chunk in the
+            forward and its recomputes alike. None: MLPs run whole.
         max_error: ``rank="auto"``: the relative Frobenius error each activation may have, in (0, 1).
         min_rank: the fewest directions a fractional rank (``rank``, ``layers`` or ``max_rank``
             values that are floats) or ``"auto"`` gives, where the matrix allows (an int >= 1;
@@ -175,6 +185,7 @@ class CompressionOptions:
     keep_row_norms: bool | None = None
     block_deltas: bool = True
     compress_recompute: bool = True
+    mlp_chunk_tokens: int | None = 1024
     max_error: float = 0.2
     min_rank: int = 64
     max_rank: int | float = 0.5
@@ -216,6 +227,7 @@ class CompressionOptions:
         check_flag("compress_outside", self.compress_outside)
         check_flag("block_deltas", self.block_deltas)
         check_flag("compress_recompute", self.compress_recompute)
+        check_int("mlp_chunk_tokens", self.mlp_chunk_tokens, minimum=1, allow_none=True)
         check_choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
         if isinstance(self.checkpoint, str) or not all(isinstance(c, str) for c in self.checkpoint or ()):
             raise TypeError(
