@@ -6,8 +6,15 @@ import functools
 from typing import Any
 
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from typing_extensions import override
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ModuleNotFoundError as missing:  # not a dependency of loract-lightning's core
+    raise ModuleNotFoundError(
+        "LoRActTrainerCallback is for the Hugging Face transformers.Trainer and needs transformers: "
+        "pip install transformers"
+    ) from missing
 
 from loract_lightning.context import ActivationCompressor
 from loract_lightning.options import CompressionOptions

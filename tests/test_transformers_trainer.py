@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -82,3 +85,10 @@ def test_the_training_forward_is_compressed_and_a_lossless_fit_is_unchanged(tmp_
 def test_bad_options_fail_at_construction():
     with pytest.raises(ValueError, match="rank must be"):
         LoRActTrainerCallback(rank=0)
+
+
+def test_without_transformers_the_import_names_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # None: what the import system reads as missing
+    monkeypatch.delitem(sys.modules, "loract_lightning.transformers_callback")
+    with pytest.raises(ModuleNotFoundError, match="needs transformers: pip install transformers"):
+        importlib.import_module("loract_lightning.transformers_callback")
