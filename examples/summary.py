@@ -54,11 +54,14 @@ class RunSummary(pl.Callback):
             stats = compressor.step_stats
             saved, stored = stats.saved_bytes / MIB, stats.stored_bytes / MIB
             # In layer mode "saved" is what activation checkpointing already keeps, not what an
-            # uncompressed step saves, so the two modes' ratios are not comparable.
-            mode = "layer mode, saved under checkpointing" if compressor.options.checkpoint else "default mode"
+            # uncompressed step saves, so the two modes' stored / saved do not compare: say which.
+            if compressor.options.checkpoint:
+                mode = "layer mode: saved = the checkpointed forward's, not an uncompressed one's"
+            else:
+                mode = "default mode: saved = uncompressed"
             lines.append(
                 f"  activation memory      {saved:.1f} MiB saved -> {stored:.1f} MiB stored per step"
-                f" (ratio {stats.ratio:.3f}, {mode})"
+                f" (stored / saved {stats.ratio:.3f}, {mode})"
             )
         lines.append(f"  peak memory            {_peak_memory(pl_module.device)}")
         lines.append(f"  time                   {(time.perf_counter() - self._start) / 60:.1f} min (fit)")

@@ -27,6 +27,9 @@ class CompressionStats:
     Attributes:
         saved_bytes: bytes of the distinct storages of the activations autograd saved, before
             compression (parameters and buffers excluded; a storage saved several times counts once).
+            In default mode that is what an uncompressed forward saves; in layer mode it is what the
+            checkpointed forward saves (the checkpointed modules' inputs and what runs outside
+            them), which is already less than an uncompressed forward's.
         stored_bytes: bytes really held for them afterwards: factors plus storages kept raw.
         compressed: saved tensors replaced by newly computed factors.
         rank_sum: the sum of their ranks (``mean_rank`` is the average; with ``rank="auto"`` it
@@ -50,7 +53,14 @@ class CompressionStats:
 
     @property
     def ratio(self) -> float:
-        """``stored_bytes / saved_bytes``: the fraction of activation memory still held (1.0 if none)."""
+        """``stored_bytes / saved_bytes`` of the same forward (1.0 if nothing was saved): ``loract/ratio``.
+
+        It compares with what that forward saved: in layer mode, with the checkpointed forward's
+        bytes, so it is not the saving against uncompressed training and does not compare with a
+        default-mode ratio. For that saving, divide ``stored_bytes`` by the ``saved_bytes`` of an
+        uncompressed run of the same batch (``ActivationMemoryMonitor`` alone, or
+        ``compress_activations(model, compress=False)``).
+        """
         return self.stored_bytes / self.saved_bytes if self.saved_bytes else 1.0
 
     @property
