@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from loract_lightning.loract import LoRAct
     from loract_lightning.profiling_trainer import ProfilingTrainer
     from loract_lightning.rank_profiler import RankProfiler
+    from loract_lightning.strategies import LoRActDDPStrategy, LoRActFSDPStrategy, LoRActStrategy
+    from loract_lightning.transformers_callback import LoRActTrainerCallback as LoRActTrainerCallback
 
 __all__ = [
     "ActivationCompressor",
@@ -24,6 +26,9 @@ __all__ = [
     "CompressionOptions",
     "CompressionStats",
     "LoRAct",
+    "LoRActDDPStrategy",
+    "LoRActFSDPStrategy",
+    "LoRActStrategy",
     "ModuleMemory",
     "ProfilingTrainer",
     "RankProfiler",
@@ -38,6 +43,12 @@ _LIGHTNING_CLASSES = {
     "ActivationMemoryMonitor": "loract_lightning.activation_memory_monitor",
     "ProfilingTrainer": "loract_lightning.profiling_trainer",
     "RankProfiler": "loract_lightning.rank_profiler",
+    # importing the strategies registers "loract", "loract_ddp" and "loract_fsdp" with Lightning
+    "LoRActStrategy": "loract_lightning.strategies",
+    "LoRActDDPStrategy": "loract_lightning.strategies",
+    "LoRActFSDPStrategy": "loract_lightning.strategies",
+    # not in __all__: it needs transformers, which the core install leaves out
+    "LoRActTrainerCallback": "loract_lightning.transformers_callback",
 }
 
 
