@@ -1,15 +1,15 @@
 """A few lines at the end of fit that say what the run did: validation loss before -> after,
-activation memory saved -> stored, peak memory and minutes."""
+activation memory saved -> stored, peak memory and minutes (Lightning's ``Timer``)."""
 
 from __future__ import annotations
 
 import math
 import resource
 import sys
-import time
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
@@ -18,13 +18,16 @@ from loract_lightning import LoRAct
 MIB = 1 << 20
 
 
-class RunSummary(pl.Callback):
+class RunSummary(Timer):
     """Print a short summary of the fit on rank zero.
 
     Reads ``val_loss_before`` and ``val_loss`` from the logged metrics (the causal-LM example
     logs both; perplexity is ``exp`` of the loss), the last training step's stats of a
     :class:`~loract_lightning.LoRAct` callback if there is one, and the peak memory: on CUDA
-    ``torch.cuda.max_memory_allocated``, else the process's peak resident memory.
+    ``torch.cuda.max_memory_allocated``, else the process's peak resident memory (``resource``'s
+    ``ru_maxrss``: psutil reports the current resident memory, not the peak). The time is that of
+    the training loop (validation included), measured by Lightning's :class:`~lightning.pytorch.callbacks.Timer`,
+    which this callback is (without a ``duration``: it stops nothing).
 
     Example::
 
@@ -32,11 +35,7 @@ class RunSummary(pl.Callback):
     """
 
     def __init__(self) -> None:
-        self._start = 0.0
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
+        super().__init__(duration=None, verbose=False)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -64,7 +63,7 @@ class RunSummary(pl.Callback):
                 f" (stored / saved {stats.ratio:.3f}, {mode})"
             )
         lines.append(f"  peak memory            {_peak_memory(pl_module.device)}")
-        lines.append(f"  time                   {(time.perf_counter() - self._start) / 60:.1f} min (fit)")
+        lines.append(f"  time                   {self.time_elapsed('train') / 60:.1f} min (training loop)")
         rank_zero_info("\n".join(lines))
 
 

@@ -59,5 +59,6 @@ def test_run_summary_reports_loss_memory_and_time(caplog):
         trainer.fit(LogsValidationLoss(), known_rank_loader(batches=2))
     summary = caplog.text[caplog.text.index("Run summary") :]
     assert "validation perplexity  7.39 -> 4.48  (loss 2.0000 -> 1.5000, -25.0%)" in summary
-    assert "MiB saved ->" in summary and "ratio" in summary and "default mode)" in summary
-    assert "peak memory" in summary and "min (fit)" in summary
+    assert "MiB saved ->" in summary and "stored / saved" in summary
+    assert "default mode: saved = uncompressed)" in summary
+    assert "peak memory" in summary and "min (training loop)" in summary
