@@ -229,6 +229,20 @@ def build_settings(num_layers: int, num_heads: int) -> list[Setting]:
             },
         ),
         Setting(
+            "layer-chunked-mlp",
+            "7f. as 7e, each block's MLP over chunks of 128 tokens (`mlp_chunk_tokens`; 4 chunks a batch)",
+            {
+                "checkpoint": ["LlamaDecoderLayer"],
+                "compress_outside": False,
+                "block_deltas": True,
+                "compress_recompute": True,
+                "mlp_chunk_tokens": 128,
+                "saved_by": LINEAR_LAYERS,
+                "min_width": 64,
+                "min_bytes": 1 << 20,
+            },
+        ),
+        Setting(
             "defaults",
             "8. the library's defaults (`saved_by`: linear layers, `min_width` 64, `min_bytes` 1 MiB)",
             {"saved_by": LINEAR_LAYERS, "min_width": 64, "min_bytes": 1 << 20},

@@ -1,12 +1,12 @@
 """Where a training step's peak sits, tensor by tensor (issue #28): a census of live storages.
 
-A ``TorchDispatchMode`` sees every tensor an aten op creates during one training step (forward,
-backward, optimizer step) and follows its storage until it is freed (``weakref.finalize``). The
-live total is exact on any device, with no allocator in between; at the moment it peaks, every
-live storage is listed with what made it: the phase ("forward", "recompute" while a checkpointed
-block runs again inside backward, "backward" otherwise), the innermost module running when it was
-made (module paths with the layer index replaced by ``*``) and the aten op. Memory that existed
-before the step (weights, optimizer state, the batch) is not counted, as in
+``loract_lightning.planner.LiveTensorBytes`` (a ``TorchDispatchMode``) sees every tensor an aten
+op creates during one training step (forward, backward, optimizer step) and follows its storage
+until it is freed. The live total is exact on any device, with no allocator in between; at the
+moment it peaks, every live storage is listed with what made it: the phase ("forward",
+"recompute" while a checkpointed block runs again inside backward, "backward" otherwise), the
+innermost module running when it was made (layer indices replaced by ``*``) and the aten op.
+Memory that existed before the step (weights, optimizer state, the batch) is not counted, as in
 ``benchmarks/peak_memory.py``. Figures are per token of the batch, so lengths compare.
 
     python benchmarks/peak_census.py --settings ac-chunked layer-chunked --seq 2048
@@ -18,59 +18,20 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import weakref
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peak_memory import SETTINGS, build_model
 
 from loract_lightning import ActivationCompressor, CompressionOptions, causal_lm_loss
+from loract_lightning.planner import LiveTensorBytes
 
 KIB = 2**10
-
-
-class LiveStorages(TorchDispatchMode):
-    """Counts the bytes of storages made by aten ops while active, and lists them at their peak."""
-
-    def __init__(self, labels: ModuleLabels) -> None:
-        super().__init__()
-        self.labels = labels
-        self.live: dict[int, tuple[int, str]] = {}  # storage key -> (bytes, label)
-        self.total = 0
-        self.peak = 0
-        self.at_peak: dict[int, tuple[int, str]] = {}
-        self.peak_label = ""
-
-    def _forget(self, key: int) -> None:
-        size, _ = self.live.pop(key, (0, ""))
-        self.total -= size
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, Tensor) or tensor.device.type == "meta":
-                continue
-            storage = tensor.untyped_storage()
-            key = storage.data_ptr()
-            if key in self.live or key in inputs or storage.nbytes() == 0:  # views, in-place results
-                continue
-            label = f"{self.labels.phase()} | {self.labels.module()} | {func.overloadpacket.__name__}"
-            self.live[key] = (storage.nbytes(), label)
-            self.total += storage.nbytes()
-            weakref.finalize(storage, self._forget, key)
-            if self.total > self.peak:
-                self.peak = self.total
-                self.at_peak = dict(self.live)
-                self.peak_label = label
-        return out
 
 
 class ModuleLabels:
@@ -91,6 +52,9 @@ class ModuleLabels:
     def _leave(self, module, args, output):
         if self.stack:
             self.stack.pop()
+
+    def describe(self, op: str) -> str:
+        return f"{self.phase()} | {self.module()} | {op}"
 
     def module(self) -> str:
         return self.stack[-1].removeprefix("base_model.model.") if self.stack else "-"
@@ -117,7 +81,7 @@ def census(name: str, key: str, args: argparse.Namespace) -> None:
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
 
-    def step(ids: Tensor, mode: LiveStorages | None = None, labels: ModuleLabels | None = None) -> None:
+    def step(ids: Tensor, mode: LiveTensorBytes | None = None, labels: ModuleLabels | None = None) -> None:
         with mode or nullcontext():
             with context():
                 loss = (
@@ -134,16 +98,16 @@ def census(name: str, key: str, args: argparse.Namespace) -> None:
 
     step(batches[0])  # warm-up: optimizer state exists before the measured step, as in peak_memory.py
     labels = ModuleLabels(model)
-    mode = LiveStorages(labels)
+    mode = LiveTensorBytes(labels.describe)
     step(batches[1], mode, labels)
     labels.close()
     tokens = args.batch * args.seq
     grouped: dict[str, int] = defaultdict(int)
-    for size, label in mode.at_peak.values():
+    for size, label in mode.at_peak:
         grouped[label] += size
     print(f"\n## {name} {key}, batch {args.batch} x {args.seq}, LoRA dropout {args.lora_dropout:g}")
     per_token = mode.peak / tokens / KIB
-    print(f"peak {mode.peak / 2**20:.1f} MiB = {per_token:.1f} KiB per token, reached at: {mode.peak_label}")
+    print(f"peak {mode.peak / 2**20:.1f} MiB = {per_token:.1f} KiB per token")
     by_phase: dict[str, int] = defaultdict(int)
     for label, size in grouped.items():
         by_phase[label.split(" | ")[0]] += size
