@@ -4,8 +4,10 @@ writes what it saw to OUT/rank{N}.pt (started as test_strategy.py starts it: bot
 Usage: python tests/strategy_fit.py OUT_DIR   (with LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set)
 
 FSDP runs FSDP1 on the CPU as fsdp_fit.py explains (the module wraps itself in configure_model;
-LoRActFSDPStrategy, a subclass, passes Lightning's GPU check). Every KnownRankBlock forward run
-in training mode is counted, so a block recomputed twice in backward shows.
+LoRActFSDPStrategy, a subclass, passes Lightning's GPU check), and FSDP2 under
+ModelParallelStrategy (the module shards itself, each block in a checkpoint_wrapper with
+``wrap``). Every KnownRankBlock forward run in training mode is counted, so a block recomputed
+twice in backward shows.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ from fsdp_fit import (
     loader,
 )
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from lit_models import saved_tensor_hooks_installed
 
-from loract_lightning.strategies import LoRActDDPStrategy, LoRActFSDPStrategy
+from loract_lightning.strategies import LoRActDDPStrategy, LoRActFSDPStrategy, LoRActModelParallelStrategy
 
 BLOCK_FORWARDS = [0]
 _block_forward = KnownRankBlock.forward
@@ -50,12 +52,14 @@ KnownRankBlock.forward = _counting_forward
 LOSSLESS = {"rank": LOSSLESS_RANK, "min_bytes": 0}
 LAYER = {**LOSSLESS, "checkpoint": ["KnownRankBlock"]}
 POLICY = {"activation_checkpointing_policy": {KnownRankBlock}}
+FSDP2 = {"data_parallel_size": WORLD_SIZE, "tensor_parallel_size": 1}
 
 
 class Run(NamedTuple):
-    sharding: str | None  # "fsdp1": the module wraps itself; None: DDP
+    sharding: str | None  # "fsdp1", "fsdp2": the module shards itself; None: DDP
     strategy: Callable[[], Strategy]
     twin: str  # the plain run it must end equal to
+    wrap: bool = False  # fsdp2: each block in a checkpoint_wrapper
 
 
 RUNS: dict[str, Run] = {
@@ -66,14 +70,20 @@ RUNS: dict[str, Run] = {
     "fsdp_policy_plain": Run("fsdp1", lambda: CPUFSDPStrategy(**POLICY), "fsdp_policy_plain"),
     "fsdp_loract_layer": Run("fsdp1", lambda: LoRActFSDPStrategy(**LAYER), "fsdp_plain"),
     "fsdp_policy_loract_layer": Run("fsdp1", lambda: LoRActFSDPStrategy(**POLICY, **LAYER), "fsdp_policy_plain"),
+    "fsdp2_plain": Run("fsdp2", lambda: ModelParallelStrategy(**FSDP2), "fsdp2_plain"),
+    "fsdp2_wrapped_plain": Run("fsdp2", lambda: ModelParallelStrategy(**FSDP2), "fsdp2_wrapped_plain", wrap=True),
+    "fsdp2_loract_layer": Run("fsdp2", lambda: LoRActModelParallelStrategy(**FSDP2, **LAYER), "fsdp2_plain"),
+    "fsdp2_wrapped_loract_layer": Run(
+        "fsdp2", lambda: LoRActModelParallelStrategy(**FSDP2, **LAYER), "fsdp2_wrapped_plain", wrap=True
+    ),
 }
 
 
 class RecordingModule(ShardedKnownRankModule):
     """Records whether saved-tensor hooks were installed in each training and validation step."""
 
-    def __init__(self, sharding: str | None) -> None:
-        super().__init__(sharding)
+    def __init__(self, sharding: str | None, wrap: bool = False) -> None:
+        super().__init__(sharding, wrap)
         self.hooks_seen: dict[str, list[bool]] = {"train": [], "validation": []}
 
     def training_step(self, batch, batch_idx):
@@ -87,7 +97,7 @@ class RecordingModule(ShardedKnownRankModule):
 
 def fit(name: str, run: Run, out_dir: Path) -> dict:
     pl.seed_everything(0, verbose=False)
-    module = RecordingModule(run.sharding)
+    module = RecordingModule(run.sharding, run.wrap)
     strategy = run.strategy()
     trainer = pl.Trainer(
         accelerator="cpu", devices=WORLD_SIZE, strategy=strategy, max_epochs=1, log_every_n_steps=1,

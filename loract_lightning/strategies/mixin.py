@@ -29,8 +29,9 @@ class LoRActStrategyMixin:
 
     Put it first in the bases: ``class MyStrategy(LoRActStrategyMixin, DeepSpeedStrategy)``.
     :class:`~loract_lightning.strategies.LoRActStrategy`,
-    :class:`~loract_lightning.strategies.LoRActDDPStrategy` and
-    :class:`~loract_lightning.strategies.LoRActFSDPStrategy` are made this way.
+    :class:`~loract_lightning.strategies.LoRActDDPStrategy`,
+    :class:`~loract_lightning.strategies.LoRActFSDPStrategy` and
+    :class:`~loract_lightning.strategies.LoRActModelParallelStrategy` are made this way.
 
     Args:
         \*args: the strategy's own positional arguments.
