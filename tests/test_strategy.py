@@ -64,6 +64,10 @@ def test_the_strategy_takes_loract_options_and_refuses_what_loract_refuses(tmp_p
     assert strategy._ddp_kwargs == {"find_unused_parameters": True}
     with pytest.raises(ValueError, match="rank must be"):
         LoRActStrategy(rank=0)
+    # DDP passes unknown keywords on to torch's DistributedDataParallel, which would refuse them late.
+    message = r"rnak=0.25 is neither a LoRAct option nor an argument of DDPStrategy; did you mean 'rank'\?"
+    with pytest.raises(ValueError, match=message):
+        LoRActDDPStrategy(rnak=0.25)
     with pytest.raises(ValueError, match=r"trains on one device, but the Trainer asks for 2 .*strategy='loract_ddp'"):
         trainer(tmp_path, strategy="loract", devices=2)
 

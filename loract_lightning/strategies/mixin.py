@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 from typing import Any
 
 import lightning.pytorch as pl
@@ -53,9 +55,22 @@ class LoRActStrategyMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         options = {name: kwargs.pop(name) for name in list(kwargs) if name in OPTION_NAMES}
+        self._check_no_misspelled_option(kwargs)
         self.loract = LoRAct(**options)
         """The callback that does the work, added to the trainer's callbacks by :meth:`connect`."""
         super().__init__(*args, **kwargs)
+
+    def _check_no_misspelled_option(self, kwargs: dict[str, Any]) -> None:
+        """A keyword the strategy does not name itself but that is close to a LoRAct option is
+        a ValueError: DDP and FSDP pass unknown keywords on to torch, which would refuse it late."""
+        strategy = next(cls for cls in type(self).__mro__[1:] if not issubclass(cls, LoRActStrategyMixin))
+        named = set(inspect.signature(strategy.__init__).parameters)
+        for name in kwargs.keys() - named:
+            if near := difflib.get_close_matches(name, OPTION_NAMES, n=1, cutoff=0.7):
+                raise ValueError(
+                    f"{type(self).__name__}: {name}={kwargs[name]!r} is neither a LoRAct option nor an argument of "
+                    f"{strategy.__name__}; did you mean {near[0]!r}? LoRAct's options: {sorted(OPTION_NAMES)}"
+                )
 
     @override
     def connect(self, model: pl.LightningModule) -> None:
