@@ -31,7 +31,6 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from loract_lightning import policy
 from loract_lightning.checkpointing import checkpointed, checkpointed_by_others, select_modules
-from loract_lightning.token_chunks import TokenChunks
 from loract_lightning.linalg import METHODS, RANDOMIZED, adaptive_qb, distance, keep_row_norms, row_norm_scale
 from loract_lightning.options import FACTOR_DTYPES, CompressionOptions
 from loract_lightning.packed import (
@@ -42,11 +41,13 @@ from loract_lightning.packed import (
     StoredRegion,
     TwoValuedMask,
     low_rank_product,
+    pack_bits,
     version_probe,
 )
 from loract_lightning.parameters import ParameterIndex
 from loract_lightning.policy import Factorize, KeepRaw, SelectionPolicy, StoreMask
 from loract_lightning.stats import CompressionStats
+from loract_lightning.token_chunks import TokenChunks
 from loract_lightning.wrappers import user_module
 
 
@@ -348,10 +349,8 @@ class _Forward:
         """The compact region ``decision`` asks for; None when the factors are not finite."""
         if isinstance(decision, StoreMask):
             self.stats.masks += 1
-            is_high = decision.matrix == decision.high
-            return TwoValuedMask(
-                **StoredRegion.layout_of(tensor), is_high=is_high, low=decision.low, high=decision.high
-            )
+            bits = pack_bits(decision.matrix == decision.high)
+            return TwoValuedMask(**StoredRegion.layout_of(tensor), bits=bits, low=decision.low, high=decision.high)
         start = time.perf_counter()
         chained = self.compressor.block_deltas and module_name in self.policy.checkpointed_modules
         chained = chained and self.recomputing is None

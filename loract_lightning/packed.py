@@ -236,20 +236,46 @@ class LowRankFactors(StoredRegion):
 
 @dataclass(eq=False)
 class TwoValuedMask(StoredRegion):
-    """A region holding only ``low`` and ``high``: stored exactly as a bool tensor."""
+    """A region holding only ``low`` and ``high``: stored exactly, one bit per value
+    (:func:`pack_bits`; a dropout mask of a float32 activation keeps 1/32 of its bytes)."""
 
-    is_high: Tensor
+    bits: Tensor
     low: float
     high: float
 
     @property
     def nbytes(self) -> int:
-        return self.is_high.nbytes
+        return self.bits.nbytes
 
     def dense(self) -> Tensor:
-        high = torch.tensor(self.high, dtype=self.dtype, device=self.is_high.device)
-        low = torch.tensor(self.low, dtype=self.dtype, device=self.is_high.device)
-        return torch.where(self.is_high, high, low).view(self.size)
+        high = torch.tensor(self.high, dtype=self.dtype, device=self.bits.device)
+        low = torch.tensor(self.low, dtype=self.dtype, device=self.bits.device)
+        return torch.where(unpack_bits(self.bits, self.size.numel()), high, low).view(self.size)
+
+
+_BIT_VALUES: dict[torch.device, Tensor] = {}
+
+
+def _bit_values(device: torch.device) -> Tensor:
+    """1, 2, 4, ..., 128 as uint8 on ``device`` (made once per device, on it)."""
+    if device not in _BIT_VALUES:
+        _BIT_VALUES[device] = torch.bitwise_left_shift(
+            torch.ones(8, dtype=torch.uint8, device=device), torch.arange(8, dtype=torch.uint8, device=device)
+        )
+    return _BIT_VALUES[device]
+
+
+def pack_bits(flags: Tensor) -> Tensor:
+    """A bool tensor as uint8 bytes, eight flags a byte in order (the last byte padded with False)."""
+    flat = flags.reshape(-1)
+    if padding := -flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(padding)])
+    return (flat.view(-1, 8).to(torch.uint8) * _bit_values(flat.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: Tensor, count: int) -> Tensor:
+    """The first ``count`` flags of :func:`pack_bits`' bytes, as a flat bool tensor."""
+    return bits.unsqueeze(-1).bitwise_and(_bit_values(bits.device)).ne(0).view(-1)[:count]
 
 
 @dataclass(eq=False)

@@ -99,16 +99,17 @@ def test_parameters_and_masks_are_never_factorized(known_rank_net):
     assert stats.masks == len(masks) and stats.kept["parameter"] > 0
 
 
-def test_float_dropout_mask_is_rebuilt_exactly():
+@pytest.mark.parametrize("shape", [(64, 64), (3, 7, 5)])  # (3, 7, 5): 105 flags, the last byte padded
+def test_float_dropout_mask_is_rebuilt_exactly(shape):
     model = nn.Dropout(0.3).train()
-    compressor = ActivationCompressor(model, CompressionOptions(min_bytes=0))
+    compressor = ActivationCompressor(model, CompressionOptions(min_bytes=0, min_width=0))
     calls = spy_on_pack(compressor)
-    x = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(*shape, requires_grad=True)
     with compressor.capture():
         model(x).sum().backward()
     (call,) = calls
     assert isinstance(call["packed"].region, TwoValuedMask)
-    assert call["packed"].region.nbytes == call["tensor"].numel()  # one byte per element
+    assert call["packed"].region.nbytes == -(-call["tensor"].numel() // 8)  # one bit per element
     assert torch.equal(call["packed"].unpack(), call["tensor"])
 
 
