@@ -58,7 +58,7 @@ class KeepRaw:
 
 @dataclass(frozen=True, eq=False)
 class StoreMask:
-    """Store a two-valued tensor exactly, as a bool mask and its two values."""
+    """Store a two-valued tensor exactly, as bits (one per value) and its two values."""
 
     matrix: Tensor
     low: float

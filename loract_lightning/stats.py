@@ -35,7 +35,7 @@ class CompressionStats:
         rank_sum: the sum of their ranks (``mean_rank`` is the average; with ``rank="auto"`` it
             shows the ranks chosen).
         shared: saved tensors answered by a region already packed from the same storage.
-        masks: two-valued tensors (float dropout masks) stored exactly as bool masks.
+        masks: two-valued tensors (float dropout masks) stored exactly, one bit per value.
         kept: saved tensors kept raw, counted by reason (see ``loract_lightning.policy``).
         compress_seconds: wall time spent in factorizations (on CUDA: launch time, not kernel time).
         modules: the bytes above per qualified module name.
