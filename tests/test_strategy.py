@@ -103,6 +103,18 @@ def test_metrics_reach_logged_metrics_and_a_checkpoint_monitor(tmp_path, form):
     assert state["options"]["rank"] == 8
 
 
+def test_a_resume_restores_the_strategy_callback_state_from_either_form(tmp_path):
+    """Both forms keep the same state under the same key, so a run may switch forms on resume."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path, [LoRAct(rank=8, min_bytes=0), checkpoint], enable_checkpointing=True, max_steps=2)
+    strategy = LoRActStrategy(rank=0.25, min_bytes=0)
+    with pytest.warns(UserWarning, match=r"rank: checkpoint 8, now 0.25"):
+        trainer(tmp_path, strategy=strategy, max_steps=6, max_epochs=2).fit(
+            KnownRankModule(), known_rank_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+        )
+    assert strategy.loract.step_stats.compressed > 0
+
+
 @pytest.mark.parametrize("form", sorted(FORMS))
 def test_beside_loract_the_monitor_logs_no_second_copy_of_its_bytes(tmp_path, form):
     callbacks, strategy = FORMS[form](rank=8, min_bytes=0)
