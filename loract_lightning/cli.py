@@ -72,6 +72,10 @@ def silence_known_warnings() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
 
 
+_working_directory = os.getcwd()
+"""The directory ``loract`` was started in (see :func:`import_from_working_directory`)."""
+
+
 class LoRActArgumentParser(LightningArgumentParser):
     """LightningCLI's parser, whose error for a bad ``init_args`` value of a class in a list (a
     callback) is the one line that names it, not every Union subtype the list could have been."""
@@ -86,7 +90,7 @@ def _import_hint(message: str) -> str:
     if "No module named" not in message:
         return message
     return (
-        f"{message} (class paths import from the working directory {os.getcwd()}, PYTHONPATH and the "
+        f"{message} (class paths import from the working directory {_working_directory}, PYTHONPATH and the "
         "installed packages; the shipped configs' examples.* from the root of a loract-lightning checkout)"
     )
 
@@ -198,8 +202,11 @@ def main(args: list[str] | None = None) -> None:
 def import_from_working_directory() -> None:
     """Put the working directory first on ``sys.path``, as ``python -m`` does, so that class paths
     name the user's own modules (``--model my_module.MyModel``) as they would in ``python -m``."""
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    global _working_directory
+    # Kept: jsonargparse parses a config file from inside the file's folder.
+    _working_directory = os.getcwd()
+    if "" not in sys.path and _working_directory not in sys.path:
+        sys.path.insert(0, _working_directory)
 
 
 def build_cli(args: list[str] | None, run: bool = True) -> LightningCLI:

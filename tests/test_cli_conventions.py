@@ -123,7 +123,13 @@ def test_the_users_own_module_runs_from_its_folder(user_folder):
 def test_a_module_that_does_not_import_says_where_loract_looks(user_folder, capsys):
     code, out = exit_output(capsys, ["fit", "--model", "no_such_module.Model"])
     assert code == 2
-    assert "No module named 'no_such_module'" in out and str(user_folder) in out
+    assert "No module named 'no_such_module'" in out and f"working directory {user_folder}," in out
+    # From a config file in another folder (jsonargparse parses it from there): still the working directory.
+    config = user_folder / "configs" / "run.yaml"
+    config.parent.mkdir()
+    config.write_text("model:\n  class_path: no_such_module.Model\n")
+    code, out = exit_output(capsys, ["fit", "--config", str(config)])
+    assert code == 2 and f"working directory {user_folder}," in out, out
 
 
 def test_optimizer_and_lr_scheduler_options_are_there(user_folder):
