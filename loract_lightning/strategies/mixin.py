@@ -33,7 +33,8 @@ class LoRActStrategyMixin:
     :class:`~loract_lightning.strategies.LoRActStrategy`,
     :class:`~loract_lightning.strategies.LoRActDDPStrategy`,
     :class:`~loract_lightning.strategies.LoRActFSDPStrategy` and
-    :class:`~loract_lightning.strategies.LoRActModelParallelStrategy` are made this way.
+    :class:`~loract_lightning.strategies.LoRActModelParallelStrategy` are made this way (and are
+    the ones tested).
 
     Args:
         \*args: the strategy's own positional arguments.
