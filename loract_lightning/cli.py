@@ -42,12 +42,16 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 import loract_lightning
+import loract_lightning.strategies
 from loract_lightning.activation_memory_monitor import ActivationMemoryMonitor
 from loract_lightning.loract import LoRAct
 from loract_lightning.profiling_trainer import PROFILING_RUN, ProfilingTrainer
 
-# Imported (above) so that jsonargparse resolves their short names as it does Lightning's callbacks'.
+# Imported (above) so that jsonargparse resolves their short names as it does Lightning's callbacks'
+# (--trainer.callbacks+=LoRAct), and so that the strategies' names are registered with Lightning
+# (--trainer.strategy=loract_ddp).
 CALLBACKS = (LoRAct, ActivationMemoryMonitor)
+STRATEGIES = loract_lightning.strategies.__all__
 
 DESCRIPTION = (
     "loract: train a LightningModule with its saved activations stored as low-rank factors (LoRAct). "

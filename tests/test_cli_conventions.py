@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import re
+import subprocess
 import sys
 import textwrap
 import warnings
@@ -107,6 +108,19 @@ def test_callbacks_are_added_by_short_name(user_folder):
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, ActivationMemoryMonitor)]
     assert loract.options.rank == 0.25 and loract.options.method == "randomized_svd"
     assert monitor.top_k == 3
+
+
+def test_the_strategy_form_by_its_registered_name(user_folder):
+    # In a fresh interpreter: only what the command imports may have registered the name.
+    script = (
+        "from loract_lightning.cli import build_cli\n"
+        "cli = build_cli(['--model', 'user_model.MyModel', '--trainer.strategy=loract', '--trainer.logger=false'],"
+        " run=False)\n"
+        "print(type(cli.trainer.strategy).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "LoRActStrategy"
 
 
 def test_the_users_own_module_runs_from_its_folder(user_folder):
