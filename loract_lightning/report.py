@@ -22,6 +22,9 @@ from loract_lightning.rank_profile import CANDIDATE_FRACTIONS, TARGET_ERRORS, Ra
 from loract_lightning.stats import CompressionStats
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from lightning.pytorch.loggers import Logger
     from matplotlib.figure import Figure
     from rich.console import Console
 
@@ -148,10 +151,10 @@ class MemoryReport:
             )
         return sorted(rows, key=lambda row: -row["saved_bytes"])
 
-    def title(self, shown: int, total: int) -> str:
+    def title(self, shown: int, total: int, separator: str = ", ") -> str:
         """The table's and chart's title: what was measured, and how many modules are shown."""
         what = "with LoRAct" if self.compressed else "uncompressed (no LoRAct callback)"
-        return f"Activation memory per training step, {what} (top {shown} of {total} modules)"
+        return f"Activation memory per training step{separator}{what} (top {shown} of {total} modules)"
 
     def notes(self, prefix: str) -> list[str]:
         """What a reader needs to read the table right: the dropped name prefix, what "saved" means."""
@@ -253,7 +256,7 @@ class MemoryReport:
             bars.barh(positions, saved, 0.6, color="#9aa5b1")
         bars.set_yticks(positions, labels, fontsize=8)
         bars.set_xlabel(f"activation memory per step ({unit})")
-        bars.set_title(self.title(len(rows), len(all_rows)).replace(", with", "\nwith").replace(", unc", "\nunc"))
+        bars.set_title(self.title(len(rows), len(all_rows), separator="\n"))
         if self.activations:
             step_unit, step_scale = _unit(max(max(a, b) for _, a, b in self.activations))
             numbers = [s for s, _, _ in self.activations]
@@ -284,7 +287,7 @@ class MemoryReport:
         return figure
 
 
-def log_figures(loggers: list, figures: dict[str, Figure], files: dict[str, Path], step: int) -> list[str]:
+def log_figures(loggers: Sequence[Logger], figures: dict[str, Figure], files: dict[str, Path], step: int) -> list[str]:
     """Send ``figures`` to the loggers that take images: TensorBoard (``add_figure``), Weights & Biases
     (``log_image``, from the PNG in ``files``) and MLflow (the PNG as an artifact). Returns the kinds
     of logger they went to; other loggers (CSV) have the PNG in their folder already, or nothing."""
