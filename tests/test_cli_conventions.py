@@ -110,6 +110,7 @@ def test_callbacks_are_added_by_short_name(user_folder):
     assert monitor.top_k == 3
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_strategy_form_by_its_registered_name(user_folder):
     # In a fresh interpreter: only what the command imports may have registered the name.
     script = (
