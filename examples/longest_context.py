@@ -1,5 +1,6 @@
-"""At the end of fit: how long a context this run's memory would hold with LoRAct's layer mode,
-and with activation checkpointing plus a chunked loss, planned from short measured steps."""
+"""Before training: how long a context a memory budget (by default, this run's step) holds with
+LoRAct's layer mode and with activation checkpointing plus a chunked loss, planned from short
+measured steps. Run it alone before a long job with ``--trainer.max_steps=0``."""
 
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ from torch import nn
 from typing_extensions import override
 
 from loract_lightning import ActivationCompressor, CompressionOptions, LoRAct, causal_lm_loss
-from loract_lightning.planner import ContextPlan, plan_context, step_peak_bytes
+from loract_lightning.planner import ContextPlan, parse_bytes, plan_context, step_peak_bytes
 
 MIB = 1 << 20
 
 
 class LongestContext(pl.Callback):
-    """Print, at the end of fit, the longest sequence this run's step memory would hold.
+    """Print, when fit starts, the longest sequence a memory budget holds.
 
-    The budget is what one training step of this run holds at its peak (tensors only: see
+    The budget is ``budget`` if given, else on CUDA the device's free memory, else what one
+    training step of this run holds at its peak (tensors only: see
     :mod:`loract_lightning.planner`), at the run's batch shape, with the run's ``LoRAct``
     callback if it has one. Then, for activation checkpointing (AC) of each decoder layer with
     the chunked loss, and for LoRAct's layer mode at its defaults with the chunked loss, two
@@ -33,19 +35,26 @@ class LongestContext(pl.Callback):
     Args:
         lengths: tokens of the planning steps (one sequence each, at least two lengths). Longer
             steps plan long contexts better: LoRAct's MLP chunks (1024 tokens) only show beyond.
+        budget: the memory to plan for, e.g. ``"24GiB"`` or a number of bytes (see
+            :func:`~loract_lightning.planner.parse_bytes`); None: see above.
 
     Example::
 
         trainer = Trainer(callbacks=[LoRAct(), LongestContext(lengths=[1024, 2048])])
+
+        # before a long job, from the command line:
+        # loract fit --config ... --trainer.max_steps=0 \\
+        #     --trainer.callbacks+=examples.longest_context.LongestContext --trainer.callbacks.budget=24GiB
     """
 
-    def __init__(self, lengths: list[int] | None = None) -> None:
+    def __init__(self, lengths: list[int] | None = None, budget: str | int | None = None) -> None:
         self.lengths = list(lengths or [1024, 2048])
         if len(set(self.lengths)) < 2 or min(self.lengths) < 1:
             raise ValueError(f"lengths must hold at least two distinct token counts >= 1, got {self.lengths}")
+        self.budget = None if budget is None else parse_bytes(budget)
 
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         model, data = pl_module.model, trainer.datamodule.hparams
@@ -55,15 +64,18 @@ class LongestContext(pl.Callback):
         block = _decoder_layer(model)
         ac = CompressionOptions(checkpoint=[block])
         with _leaving_no_trace(model):
-            budget = step_peak_bytes(_step(model, run.options if run else None, chunk, batch_shape), pl_module.device)
+            budget, source = self.budget, "the budget given"
+            if budget is None and pl_module.device.type == "cuda":
+                budget, source = torch.cuda.mem_get_info(pl_module.device)[0], "the device's free memory"
+            if budget is None:
+                step = _step(model, run.options if run else None, chunk, batch_shape)
+                budget, source = step_peak_bytes(step, pl_module.device), "this run's step, tensors only"
+                source += f", at {' x '.join(map(str, batch_shape))} tokens"
             plans = [
                 _plan(model, "AC + chunked loss", ac, False, chunk or 128, self.lengths),
                 _plan(model, "LoRAct layer mode", ac, True, chunk or 128, self.lengths),
             ]
-        lines = [
-            f"Longest context in this run's step memory ({budget / MIB:.1f} MiB of tensors at "
-            f"{' x '.join(map(str, batch_shape))} tokens), planned from steps of {self.lengths} tokens:"
-        ]
+        lines = [f"Longest context in {budget / MIB:.1f} MiB ({source}), planned from steps of {self.lengths} tokens:"]
         for plan in plans:
             lines.append(
                 f"  {plan.label:<20} {plan.longest(budget):>7} tokens  ({plan.bytes_per_token / 1024:.1f} KiB a token)"

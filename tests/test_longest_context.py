@@ -1,4 +1,4 @@
-"""The main job's plan of the longest context: printed at fit end, leaving no trace on the model."""
+"""The main job's plan of the longest context: printed when fit starts, leaving no trace on the model."""
 
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ def test_the_plan_is_printed_and_changes_no_weight_gradient_or_random_state(tmp_
     some.grad = torch.ones_like(some)
     rng = torch.get_rng_state()
     with caplog.at_level(logging.INFO):
-        planner.on_fit_end(trainer, model)
+        planner.on_fit_start(trainer, model)
     text = caplog.text[caplog.text.index("Longest context") :]
-    assert "at 2 x 64 tokens), planned from steps of [128, 256] tokens" in text
+    assert "(this run's step, tensors only, at 2 x 64 tokens), planned from steps of [128, 256] tokens" in text
     found = dict(re.findall(r"(AC \+ chunked loss|LoRAct layer mode)\s+(\d+) tokens", text))
     assert set(found) == {"AC + chunked loss", "LoRAct layer mode"}
     assert all(int(tokens) > 0 for tokens in found.values())
@@ -43,8 +43,13 @@ def test_the_plan_is_printed_and_changes_no_weight_gradient_or_random_state(tmp_
         torch.testing.assert_close(p, weights[name])
     assert torch.equal(some.grad, torch.ones_like(some)) and torch.equal(torch.get_rng_state(), rng)
     assert model.training
+    with caplog.at_level(logging.INFO):
+        LongestContext(lengths=[128, 256], budget="4MiB").on_fit_start(trainer, model)
+    assert "Longest context in 4.0 MiB (the budget given)" in caplog.text
 
 
-def test_bad_lengths_are_refused():
+def test_bad_lengths_and_budgets_are_refused():
     with pytest.raises(ValueError, match=r"at least two distinct token counts >= 1, got \[512\]"):
         LongestContext(lengths=[512])
+    with pytest.raises(ValueError, match=r"got '24 GiBs'"):
+        LongestContext(budget="24 GiBs")
