@@ -10,7 +10,8 @@ and ``profile`` (:meth:`ProfilingTrainer.profile`), which measures the rank each
 Any importable LightningModule/LightningDataModule can be named by ``class_path``; like
 ``python -m``, ``loract`` imports from the working directory first, so ``--model my_module.MyModel``
 finds ``./my_module.py`` and, from a checkout's root, the shipped configs find ``examples.*``.
-LoRAct's callbacks are added by their short names, like Lightning's own::
+LoRAct's callbacks are added by their short names, like Lightning's own, and its strategies by
+their registered names (``--trainer.strategy=loract_ddp``)::
 
     loract fit --model my_module.MyModel --trainer.callbacks+=LoRAct --trainer.callbacks.rank=0.25
     loract fit --trainer.callbacks.help LoRAct
@@ -209,7 +210,7 @@ def import_from_working_directory() -> None:
     global _working_directory
     # Kept: jsonargparse parses a config file from inside the file's folder.
     _working_directory = os.getcwd()
-    if "" not in sys.path and _working_directory not in sys.path:
+    if _working_directory not in sys.path:  # absolute: "" would follow jsonargparse into a config's folder
         sys.path.insert(0, _working_directory)
 
 
