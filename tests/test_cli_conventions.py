@@ -164,7 +164,16 @@ def test_profile_from_python_measures_without_training(user_folder):
     sys.path.insert(0, str(user_folder))
     from user_model import MyModel
 
-    model = MyModel()
+    class WithValidation(MyModel):
+        validation_batches = 0
+
+        def validation_step(self, batch, batch_idx):
+            WithValidation.validation_batches += 1
+
+        def val_dataloader(self):
+            return self.train_dataloader()
+
+    model = WithValidation()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     loract = LoRAct(rank=0.25, min_bytes=0, min_width=16, min_rank=4)
     trainer = ProfilingTrainer(callbacks=[loract], enable_progress_bar=False, max_steps=-1)
@@ -178,6 +187,7 @@ def test_profile_from_python_measures_without_training(user_folder):
     after = model.state_dict()
     assert all(torch.equal(after[name], tensor) for name, tensor in before.items()), "the profile trained the model"
     assert trainer.global_step == 2  # the batches ran, with their optimizer steps undone
+    assert WithValidation.validation_batches == 0  # no sanity check, no validation
     written = sorted(p.name for p in user_folder.rglob("*") if p.is_file())
     assert written == ["loract_layers.yaml", "rank_profile.json", "rank_profile.png", "user_model.py"], written
     # The trainer's own settings are back.
