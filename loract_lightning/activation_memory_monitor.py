@@ -60,7 +60,8 @@ class ActivationMemoryMonitor(StepCaptureCallback):
     Args:
         top_k: modules shown in the table and chart.
         error_every_n_steps: measure reconstruction errors every this many steps (0: never).
-        output_dir: where the report files go (see above for the default).
+        output_dir: where the report files go (None: the first logger's ``log_dir``, else the
+            trainer's ``default_root_dir``).
 
     Example::
 
