@@ -34,13 +34,14 @@ class LongestContext(pl.Callback):
 
     Args:
         lengths: tokens of the planning steps (one sequence each, at least two lengths). Longer
-            steps plan long contexts better: LoRAct's MLP chunks (1024 tokens) only show beyond.
+            steps plan long contexts better: LoRAct's MLP chunks (``mlp_chunk_tokens``, 1024)
+            show only beyond 1024 tokens, so the default plan is conservative for LoRAct.
         budget: the memory to plan for, e.g. ``"24GiB"`` or a number of bytes (see
             :func:`~loract_lightning.planner.parse_bytes`); None: see above.
 
     Example::
 
-        trainer = Trainer(callbacks=[LoRAct(), LongestContext(lengths=[1024, 2048])])
+        trainer = Trainer(callbacks=[LoRAct(), LongestContext(lengths=[1024, 4096])])
 
         # before a long job, from the command line:
         # loract fit --config ... --trainer.max_steps=0 \\
@@ -48,7 +49,7 @@ class LongestContext(pl.Callback):
     """
 
     def __init__(self, lengths: list[int] | None = None, budget: str | int | None = None) -> None:
-        self.lengths = list(lengths or [1024, 2048])
+        self.lengths = list(lengths or [512, 1536])
         if len(set(self.lengths)) < 2 or min(self.lengths) < 1:
             raise ValueError(f"lengths must hold at least two distinct token counts >= 1, got {self.lengths}")
         self.budget = None if budget is None else parse_bytes(budget)
@@ -64,12 +65,13 @@ class LongestContext(pl.Callback):
         block = _decoder_layer(model)
         ac = CompressionOptions(checkpoint=[block])
         with _leaving_no_trace(model):
+            # This run's own step first: its peak, and the warm-up of the model for the plans.
+            own_peak = step_peak_bytes(_step(model, run.options if run else None, chunk, batch_shape), pl_module.device)
             budget, source = self.budget, "the budget given"
             if budget is None and pl_module.device.type == "cuda":
                 budget, source = torch.cuda.mem_get_info(pl_module.device)[0], "the device's free memory"
             if budget is None:
-                step = _step(model, run.options if run else None, chunk, batch_shape)
-                budget, source = step_peak_bytes(step, pl_module.device), "this run's step, tensors only"
+                budget, source = own_peak, "this run's step, tensors only"
                 source += f", at {' x '.join(map(str, batch_shape))} tokens"
             plans = [
                 _plan(model, "AC + chunked loss", ac, False, chunk or 128, self.lengths),

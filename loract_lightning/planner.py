@@ -149,14 +149,20 @@ class ContextPlan:
 
 
 def plan_context(
-    step_at: Callable[[int], object], lengths: Sequence[int], label: str = "", device: torch.device | str = "cpu"
+    step_at: Callable[[int], object],
+    lengths: Sequence[int],
+    label: str = "",
+    device: torch.device | str = "cpu",
+    warm_up: bool = True,
 ) -> ContextPlan:
     """Measure ``step_at(n)`` (one training step on a batch of ``n`` tokens) at each of ``lengths``
-    (at least two, distinct) and fit the line. One step at the shortest length runs first,
-    unmeasured, so that lazily made state (optimizer moments, caches) is not counted."""
+    (at least two, distinct) and fit the line. With ``warm_up``, one step at the shortest length
+    runs first, unmeasured, so that lazily made state (optimizer moments, caches) is not counted;
+    leave it off when the model has already run a step."""
     lengths = sorted(lengths)
     if len(set(lengths)) < 2 or lengths[0] < 1:
         raise ValueError(f"lengths must hold at least two distinct token counts >= 1, got {list(lengths)}")
-    step_at(lengths[0])
+    if warm_up:
+        step_at(lengths[0])
     peaks = tuple(step_peak_bytes(lambda n=n: step_at(n), device) for n in lengths)
     return ContextPlan(label, tuple(lengths), peaks)
