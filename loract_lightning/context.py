@@ -182,6 +182,7 @@ class ActivationCompressor:
         if self._first_capture and not self._measure_only:
             self._first_capture = False
             warn_if_nothing_compressed(forward.stats)
+            warn_if_one_raw_tensor_dominates(forward.stats, forward.largest_raw)
 
     def _start_forward(self, recomputing: str | None = None) -> _Forward:
         # One seam for tools that watch every pack call (the tests' spy, benchmarks/attribution.py).
@@ -308,6 +309,8 @@ class _Forward:
         self.parameters = ParameterIndex(compressor.model)
         self.module_stack: list[str] = []
         self.records: dict[tuple[torch.device, int], _StorageRecord] = {}
+        self.largest_raw: LargestRaw | None = None
+        """The largest activation storage kept raw, for :func:`warn_if_one_raw_tensor_dominates`."""
         self.last_block: tuple[weakref.ref[LowRankFactors], Tensor] | None = None
         """``block_deltas``: the last checkpointed block input's factors (held by its graph) and
         rebuilt matrix."""
@@ -392,7 +395,10 @@ class _Forward:
         self.stats.kept[reason] += 1
         if not record.kept_raw:
             record.kept_raw = True
-            self.stats.add_stored(module_name, tensor.untyped_storage().nbytes())
+            nbytes = tensor.untyped_storage().nbytes()
+            self.stats.add_stored(module_name, nbytes)
+            if self.largest_raw is None or nbytes > self.largest_raw.nbytes:
+                self.largest_raw = LargestRaw(nbytes, module_name, type(tensor.grad_fn).__name__, reason)
         return self._raw(tensor)
 
     def _raw(self, tensor: Tensor) -> RawTensor | HandedOn:
@@ -475,6 +481,45 @@ _HINTS = {
     policy.NO_SAVING: "so small that factors would not save memory",
     policy.DISABLED: "of modules whose `layers` rank is None",
 }
+
+
+@dataclass(frozen=True)
+class LargestRaw:
+    """The largest activation storage one forward kept raw: its bytes, the module running when it
+    was saved, the op that made it and why it stayed raw."""
+
+    nbytes: int
+    module_name: str
+    made_by: str
+    reason: str
+
+
+DOMINANT_SHARE = 0.4
+"""A raw tensor holding at least this share of what a forward stores is worth a warning..."""
+DOMINANT_BYTES = 16 << 20
+"""... when it is at least this large (small models' shares say little)."""
+
+
+def warn_if_one_raw_tensor_dominates(stats: CompressionStats, largest: LargestRaw | None) -> None:
+    """Warn when one tensor kept raw is most of what the forward stores (the log-probabilities
+    of an ordinary LM loss: tokens x vocabulary), naming it and, for a loss, the way around it."""
+    if largest is None or largest.nbytes < DOMINANT_BYTES or largest.nbytes < DOMINANT_SHARE * stats.stored_bytes:
+        return
+    share = largest.nbytes / stats.stored_bytes
+    where = repr(largest.module_name) if largest.module_name else "the root module"
+    hint = ""
+    if "Softmax" in largest.made_by or "NllLoss" in largest.made_by or "CrossEntropy" in largest.made_by:
+        hint = (
+            " It looks like the loss's log-probabilities (tokens x vocabulary), which compress badly: compute the "
+            "loss over chunks of tokens instead (loract_lightning.causal_lm_loss for a causal LM, "
+            "chunked_cross_entropy otherwise), so they never exist for the whole batch."
+        )
+    warnings.warn(
+        f"LoRAct: one activation kept raw is {share:.0%} of what this training forward stores: "
+        f"{largest.nbytes / 2**20:.0f} MiB made by {largest.made_by} in {where} "
+        f"(kept raw: {largest.reason}).{hint}",
+        stacklevel=4,
+    )
 
 
 def warn_if_nothing_compressed(stats: CompressionStats) -> None:

@@ -169,3 +169,26 @@ def test_a_compiled_model_that_compresses_nothing_says_so():
     with pytest.warns(UserWarning, match=expected), compress_activations(model, min_bytes=0):
         loss = model(micro_batches(1)[0]).pow(2).mean()
     loss.backward()
+
+
+@pytest.mark.parametrize("checkpoint", [[], ["LlamaDecoderLayer"]])
+def test_a_raw_loss_that_dominates_the_step_is_named_with_the_way_around_it(checkpoint):
+    """The ordinary LM loss keeps its tokens x vocabulary log-probabilities raw (rightly: they
+    compress badly); LoRAct says so once, and the chunked loss makes it go away."""
+    from conftest import tiny_llama
+
+    from loract_lightning import causal_lm_loss
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64, layers=2, vocab=32000)
+    ids = torch.randint(0, 32000, (2, 256))  # log-probabilities: 2 x 256 x 32000 floats, 62 MiB
+    options = CompressionOptions(checkpoint=checkpoint, min_bytes=0)
+    expected = r"one activation kept raw is 9\d% .* 62 MiB made by LogSoftmaxBackward0 in the root module.*causal_lm"
+    with pytest.warns(UserWarning, match=expected), ActivationCompressor(model, options).capture():
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="LoRAct: one activation kept raw")
+        with ActivationCompressor(model, options).capture():
+            loss = causal_lm_loss(model, ids, labels=ids)
+        loss.backward()
