@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarize(rows, seqs, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
-    print(f"\nrows written to {args.out}")
+    figure = plot(rows, args.out.with_suffix(".png"))
+    print(f"\nrows written to {args.out}" + (f", plot to {figure}" if figure else ""))
 
 
 def summarize(rows: list[dict], seqs: list[int], args) -> list[dict]:
@@ -99,6 +100,33 @@ def summarize(rows: list[dict], seqs: list[int], args) -> list[dict]:
             cells.append(f"{row['context_ratio']:.2f}")
             print("| " + " | ".join(cells) + " |", flush=True)
     return summary
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """The step's peak against the sequence length, one line per setting (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        return None
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for key in dict.fromkeys(r["setting"] for r in rows):
+        mine = sorted((r for r in rows if r["setting"] == key), key=lambda r: r["seq"])
+        peaks = [r["peak_bytes"] / MIB for r in mine]
+        axis.plot([r["seq"] for r in mine], peaks, marker="o", label=SETTINGS[key].label)
+    first = rows[0]
+    axis.set(
+        title=f"{first['model']}, batch {first['batch']}, LoRA dropout {first['lora_dropout']:g} ({first['device']})",
+        xlabel="sequence length, tokens",
+        ylabel="peak memory of one training step, MiB",
+    )
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
 
 
 if __name__ == "__main__":
