@@ -24,7 +24,8 @@ decoder layer; AC with the chunked loss (:func:`loract_lightning.causal_lm_loss`
 defaults); LoRAct layer mode with only the blocks' inputs compressed (``compress_outside=False``,
 the paper's layer mode); LoRAct layer mode (the default ``compress_outside=True``); and the
 LoRAct settings with the chunked loss, layer mode without ``block_deltas``, at rank 1/4 with it,
-and with PyTorch's raw recompute (``compress_recompute=False``). Every ratio is to AC
+with PyTorch's raw recompute (``compress_recompute=False``) and with each block's MLP run whole
+(``mlp_chunk_tokens=None``). Every ratio is to AC
 with the ordinary loss, as users run it today.
 
     python benchmarks/peak_memory.py                       # both models, every setting, CPU
@@ -87,6 +88,10 @@ SETTINGS = {
     ),
     "layer-quarter-chunked": Setting(
         "LoRAct layer at rank 1/4 + chunked loss", {"checkpoint": [BLOCK], "rank": 0.25}, chunked_loss=True
+    ),
+    "layer-whole-mlp-chunked": Setting(
+        "LoRAct layer, MLPs whole (mlp_chunk_tokens=None) + chunked loss",
+        {"checkpoint": [BLOCK], "mlp_chunk_tokens": None}, chunked_loss=True,
     ),
     "layer-pytorch-recompute-chunked": Setting(
         "LoRAct layer, PyTorch's recompute + chunked loss", {"checkpoint": [BLOCK], "compress_recompute": False},
