@@ -152,8 +152,10 @@ def test_a_module_that_does_not_import_says_where_loract_looks(user_folder, caps
 def test_optimizer_and_lr_scheduler_options_are_there(user_folder):
     cli = build_cli(
         [
-            "--model", "user_model.MyModel", "--optimizer=Adam", "--optimizer.lr=0.003",
-            "--lr_scheduler=StepLR", "--lr_scheduler.step_size=5", "--trainer.logger=false",
+            # Full class paths: once bitsandbytes is imported (the quantized-base tests), "Adam"
+            # alone is ambiguous for jsonargparse (bitsandbytes.optim.Adam), as for any user.
+            "--model", "user_model.MyModel", "--optimizer=torch.optim.Adam", "--optimizer.lr=0.003",
+            "--lr_scheduler=torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size=5", "--trainer.logger=false",
         ],
         run=False,
     )  # fmt: skip
