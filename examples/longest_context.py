@@ -58,6 +58,9 @@ class LongestContext(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        if trainer.fast_dev_run:  # a smoke test of the run: planning steps would be most of it
+            rank_zero_info("LongestContext: no plan under fast_dev_run")
+            return
         model, data = pl_module.model, trainer.datamodule.hparams
         batch_shape = (data.batch_size, data.seq_len)
         run = next((c for c in trainer.callbacks if isinstance(c, LoRAct)), None)
