@@ -14,6 +14,7 @@ import functools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,9 @@ from torch.utils.checkpoint import checkpoint
 
 from loract_lightning.packed import check_version, version_probe
 from loract_lightning.policy import has_class
-from loract_lightning.token_chunks import TokenChunks
+
+if TYPE_CHECKING:
+    from loract_lightning.token_chunks import TokenChunks
 
 
 def select_modules(model: nn.Module, targets: Sequence[str]) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
@@ -191,10 +194,20 @@ def checkpointed(
     through :class:`RecomputeInContext`; None: PyTorch's non-reentrant checkpoint. ``chunks``:
     the blocks' MLPs run over chunks of tokens, in the forward and every recompute alike.
     """
+    with swapped_forwards(
+        modules, lambda name, module: _checkpointed_forward(module, name, module.forward, hook, recompute, chunks)
+    ):
+        yield
+
+
+@contextmanager
+def swapped_forwards(modules: Mapping[str, nn.Module], wrap: Callable[[str, nn.Module], Callable]) -> Iterator[None]:
+    """Each of ``modules`` (by name) runs ``wrap(name, module)`` as its ``forward`` inside the
+    block; the original (a class method or an instance attribute) is put back afterwards."""
     originals = {name: module.__dict__.get("forward") for name, module in modules.items()}
     try:
         for name, module in modules.items():
-            module.forward = _checkpointed_forward(module, name, module.forward, hook, recompute, chunks)
+            module.forward = wrap(name, module)
         yield
     finally:
         for name, module in modules.items():

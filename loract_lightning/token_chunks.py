@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from loract_lightning.checkpointing import swapped_forwards
+
 MLP_SUFFIXES = ("MLP", "Mlp")
 """Class names ending in these are MLPs (transformers' ``LlamaMLP``, ``GPT2MLP``, ..., timm's
 ``Mlp``, ``GluMlp``), matched along the class hierarchy."""
@@ -69,18 +71,9 @@ class TokenChunks:
     def running(self, block_name: str) -> Iterator[None]:
         """Around one run of block ``block_name`` (its forward and each recompute): its MLPs'
         ``forward`` goes over chunks."""
-        mlps = self.mlps.get(block_name, {})
-        originals = {name: module.__dict__.get("forward") for name, module in mlps.items()}
-        try:
-            for name, module in mlps.items():
-                module.forward = self._chunked_forward(name, module, module.forward)
+        chunked = lambda name, module: self._chunked_forward(name, module, module.forward)  # noqa: E731
+        with swapped_forwards(self.mlps.get(block_name, {}), chunked):
             yield
-        finally:
-            for name, module in mlps.items():
-                if originals[name] is None:
-                    del module.forward
-                else:
-                    module.forward = originals[name]
 
     def _chunked_forward(self, name: str, module: nn.Module, forward):
         def run(*args, **kwargs):
